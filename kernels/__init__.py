@@ -1,0 +1,57 @@
+"""Fused compute kernels behind one contract, with several implementations.
+
+A :class:`KernelTable` names every kernel the training step calls. ``reference`` holds plain array
+code that runs on any array-API namespace (NumPy, CuPy, array_api_strict) and is the test oracle;
+``cpu`` (Numba ``@njit``) and ``cuda`` (Numba CUDA on CuPy arrays) provide the same signatures.
+Each kernel's maths and shapes are documented once, in its module.
+
+This package never imports ``vaecore``.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .adam import adam_step_reference
+from .bias_act import ACTIVATIONS, bias_act_backward_reference, bias_act_reference
+from .likelihood import (
+    bernoulli_nll_grad_reference,
+    gaussian_learned_nll_grad_reference,
+    gaussian_nll_grad_reference,
+)
+from .reparam_kl import reparameterize_kl_backward_reference, reparameterize_kl_reference
+
+
+@dataclass(frozen=True)
+class KernelTable:
+    name: str
+    reparameterize_kl: Callable          # (stats, eps, z_out) -> kl_sum
+    reparameterize_kl_backward: Callable  # (stats, eps, dz, kl_weight, dstats_out) -> None
+    bernoulli_nll_grad: Callable         # (logits, x, grad_scale, dlogits_out) -> nll_sum
+    gaussian_nll_grad: Callable          # (mean, x, logvar: float, grad_scale, dmean_out) -> nll_sum
+    gaussian_learned_nll_grad: Callable  # (out, x, grad_scale, dout_out) -> nll_sum
+    adam_step: Callable                  # (params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, clip_norm) -> grad_norm
+    bias_act: Callable                   # (h, bias, activation) -> None, in place
+    bias_act_backward: Callable          # (dy, y, activation, dpre_out, dbias_out) -> None
+
+
+REFERENCE = KernelTable(
+    name="reference",
+    reparameterize_kl=reparameterize_kl_reference,
+    reparameterize_kl_backward=reparameterize_kl_backward_reference,
+    bernoulli_nll_grad=bernoulli_nll_grad_reference,
+    gaussian_nll_grad=gaussian_nll_grad_reference,
+    gaussian_learned_nll_grad=gaussian_learned_nll_grad_reference,
+    adam_step=adam_step_reference,
+    bias_act=bias_act_reference,
+    bias_act_backward=bias_act_backward_reference,
+)
+
+
+def kernel_table(name: str) -> KernelTable:
+    """The table called ``name``: ``reference``, ``cpu`` or ``cuda`` (the last two compile lazily)."""
+    if name == "reference":
+        return REFERENCE
+    raise ValueError(f"unknown kernel table {name!r}; expected 'reference'")
+
+
+__all__ = ["ACTIVATIONS", "KernelTable", "REFERENCE", "kernel_table"]
