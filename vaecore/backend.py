@@ -1,0 +1,167 @@
+"""The one object that decides where arrays live and which kernels run.
+
+A :class:`Backend` is made once, at the edge (the command line or an API call), and passed down.
+Model code touches arrays only through ``backend.xp`` operations that NumPy, CuPy and the array API
+standard share, plus the few methods here for the operations they spell differently (matmul into a
+preallocated buffer, host <-> device copies).
+
+Random numbers are always drawn on the host with NumPy's PCG64 and copied into device buffers: the
+copy is tiny (B x Z noise per step), the stream is identical on every backend, and its state is a
+JSON-serializable dict that a checkpoint can carry -- so a run resumes exactly on either backend.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import kernels
+
+from .errors import VaecoreError
+
+BACKENDS = ("numpy", "cupy", "auto")
+
+
+@dataclass
+class Backend:
+    name: str                     # "numpy", "cupy" or "array_api_strict"
+    xp: object                    # the array namespace
+    kernels: kernels.KernelTable
+    dtype: object = None          # float32 of xp unless asked otherwise
+    device: object = None         # only for array_api_strict: where arrays are placed
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    _staging: dict = field(default_factory=dict, repr=False)   # device uint8 buffers by batch shape
+
+    def __post_init__(self):
+        if self.dtype is None:
+            self.dtype = self.xp.float32
+
+    # -- allocation -------------------------------------------------------------------------
+    def empty(self, shape):
+        return self.xp.empty(shape, dtype=self.dtype, **self._where())
+
+    def zeros(self, shape):
+        return self.xp.zeros(shape, dtype=self.dtype, **self._where())
+
+    def _where(self):
+        return {} if self.device is None else {"device": self.device}
+
+    # -- host <-> device: the only two crossings -------------------------------------------
+    def asarray(self, host_array, dtype=None):
+        """A new device array holding a copy of ``host_array`` (a NumPy array)."""
+        return self.xp.asarray(np.ascontiguousarray(host_array), dtype=dtype or self.dtype, **self._where())
+
+    def copy_from_host(self, dst, host_src):
+        """Fills the existing device array ``dst`` from the NumPy array ``host_src`` of equal shape."""
+        if self.name == "numpy":
+            np.copyto(dst, host_src, casting="unsafe")
+        elif self.name == "cupy":
+            dst.set(np.ascontiguousarray(host_src, dtype=dst.dtype))
+        else:
+            dst[...] = self.xp.asarray(host_src, dtype=dst.dtype, **self._where())
+
+    def to_host(self, array):
+        """A NumPy copy (or view, on the NumPy backend) of a device array."""
+        if self.name == "numpy":
+            return array
+        if self.name == "cupy":
+            return array.get()
+        import array_api_strict
+
+        return np.asarray(array.to_device(array_api_strict.Device("CPU_DEVICE")))
+
+    # -- operations the array libraries spell differently ----------------------------------
+    def matmul(self, a, b, out):
+        """``out[...] = a @ b`` without allocating where the library allows it."""
+        if self.name == "array_api_strict":
+            out[...] = a @ b
+        else:
+            self.xp.matmul(a, b, out=out)
+
+    def normal_into(self, out, host_buffer, rng=None):
+        """Fills ``out`` with N(0, 1) noise drawn on the host (into ``host_buffer``, same shape).
+
+        ``rng`` defaults to the backend's own stream, the one checkpoints save.
+        """
+        rng = rng or self.rng
+        if self.name == "numpy":
+            rng.standard_normal(dtype=out.dtype, out=out)
+        else:
+            rng.standard_normal(dtype=host_buffer.dtype, out=host_buffer)
+            self.copy_from_host(out, host_buffer)
+
+    def images_into(self, out, host_uint8):
+        """``out[...] = host_uint8 / 255`` as float on the device; only uint8 crosses to it."""
+        if self.name == "numpy":
+            np.multiply(host_uint8, np.float32(1.0 / 255.0), out=out)
+            return
+        staging = self._staging.get(host_uint8.shape)
+        if staging is None:
+            staging = self._staging[host_uint8.shape] = self.xp.empty(host_uint8.shape, dtype=self.xp.uint8,
+                                                                       **self._where())
+        self.copy_from_host(staging, host_uint8)
+        if self.name == "cupy":
+            self.xp.multiply(staging, np.float32(1.0 / 255.0), out=out)
+        else:
+            out[...] = self.xp.astype(staging, self.dtype) * (1.0 / 255.0)
+
+    def synchronize(self):
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def describe(self):
+        return f"{self.name} ({self.kernels.name} kernels, {np.dtype(str(self.dtype).split('.')[-1]).name})"
+
+
+def cupy_status():
+    """(usable, reason): whether CuPy imports and a CUDA device answers."""
+    try:
+        import cupy
+    except ImportError:
+        return False, "CuPy is not installed (pip install 'vaecore[cuda]')"
+    except Exception as e:  # a broken CUDA install raises all sorts of errors at import
+        return False, f"CuPy failed to import: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    try:
+        if not cupy.is_available():
+            return False, "CuPy is installed but no CUDA device is available"
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return False, f"CuPy cannot reach a CUDA device: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return True, "CUDA device available"
+
+
+def make_backend(name="auto", *, seed=0, kernel_table=None, log=None):
+    """Builds the backend called ``name`` (``numpy``, ``cupy``, ``auto`` or ``array_api_strict``).
+
+    ``kernel_table`` overrides the default kernels (``cpu`` on NumPy, ``cuda`` on CuPy,
+    ``reference`` under array_api_strict); ``log`` receives the line saying what ``auto`` chose.
+    """
+    rng = np.random.default_rng(seed)
+    if name == "auto":
+        usable, reason = cupy_status()
+        name = "cupy" if usable else "numpy"
+        if log is not None:
+            log(f"backend auto: using {name}" + ("" if usable else f" ({reason})"))
+    if name == "numpy":
+        table = kernels.kernel_table(kernel_table or _default_cpu_table())
+        return Backend("numpy", np, table, rng=rng)
+    if name == "cupy":
+        usable, reason = cupy_status()
+        if not usable:
+            raise VaecoreError(f"--backend cupy: {reason}; use --backend numpy or auto")
+        import cupy
+
+        return Backend("cupy", cupy, kernels.kernel_table(kernel_table or "cuda"), rng=rng)
+    if name == "array_api_strict":
+        import array_api_strict
+
+        return Backend("array_api_strict", array_api_strict, kernels.kernel_table(kernel_table or "reference"),
+                       device=array_api_strict.Device("device1"), rng=rng)
+    raise VaecoreError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def _default_cpu_table():
+    try:
+        kernels.kernel_table("cpu")
+        return "cpu"
+    except ValueError:  # the fused CPU kernels are not built yet
+        return "reference"

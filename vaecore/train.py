@@ -1,0 +1,214 @@
+"""Training: the step, the epoch, validation, and the run directory that records it all.
+
+A run directory holds ``model.npz`` (saved after every epoch), ``metrics.jsonl`` (one JSON line per
+epoch) and per-epoch pictures. Everything needed to continue -- weights, Adam state, the training
+RNG's state and the configs -- is in the checkpoint, so ``resume`` picks up exactly where the last
+completed epoch left off.
+"""
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint, images, inference
+from .config import ModelConfig, TrainConfig
+from .errors import VaecoreError
+from .fileio import atomic_write_text
+from .model import VAE
+from .optim import Adam
+
+EVAL_CHUNK = 1000
+PANEL_IMAGES = 8          # reconstruction panel width
+SAMPLE_GRID = 64          # prior samples drawn each epoch, always from the same z
+
+
+class TrainingDiverged(VaecoreError):
+    pass
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def checkpoint(self):
+        return self.root / "model.npz"
+
+    @property
+    def metrics(self):
+        return self.root / "metrics.jsonl"
+
+    def reconstructions(self, epoch):
+        return self.root / f"reconstructions_epoch{epoch:03d}.png"
+
+    def samples(self, epoch):
+        return self.root / f"samples_epoch{epoch:03d}.png"
+
+
+class Trainer:
+    """Owns the model, its optimizer and the host-side batch buffers for one data set."""
+
+    def __init__(self, model: VAE, optimizer: Adam, config: TrainConfig, x_train, x_val):
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self.backend = model.backend
+        self.x_train = x_train.reshape(len(x_train), -1)     # uint8 (N, D), stays on the host
+        self.x_val = x_val.reshape(len(x_val), -1)
+        self._host_batches = {}                              # uint8 gather buffers by batch size
+        if len(self.x_train) < config.batch_size:
+            raise VaecoreError(f"the training set has {len(self.x_train)} images, fewer than one batch "
+                               f"of {config.batch_size}; lower --batch-size or raise --limit")
+
+    def _host_batch(self, n):
+        buf = self._host_batches.get(n)
+        if buf is None:
+            buf = self._host_batches[n] = np.empty((n, self.x_train.shape[1]), dtype=np.uint8)
+        return buf
+
+    def train_step(self, batch):
+        """One step on a uint8 (B, D) host batch: returns (rec_sum, kl_sum, grad_norm)."""
+        model, backend = self.model, self.backend
+        ws = model.workspace(len(batch))
+        backend.images_into(ws.x, batch)
+        backend.normal_into(ws.eps, ws.eps_host)
+        scale = 1.0 / len(batch)                     # the loss is the mean over the batch
+        rec, kl = model.loss(ws, grad_scale=scale)
+        model.backward(ws, kl_weight=1.0, grad_scale=scale)
+        grad_norm = self.optimizer.step(model.params, model.grads)
+        return rec, kl, grad_norm
+
+    def train_epoch(self, epoch, progress=None):
+        """One pass over the shuffled training set; returns the mean negative ELBO per image."""
+        n, batch_size = len(self.x_train), self.config.batch_size
+        order = self.backend.rng.permutation(n)
+        total, steps = 0.0, -(-n // batch_size)
+        for step in range(steps):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            batch = self._host_batch(len(idx))
+            np.take(self.x_train, idx, axis=0, out=batch)
+            rec, kl, grad_norm = self.train_step(batch)
+            loss = float(rec) + float(kl)
+            if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch}, step {step + 1}: the loss or gradient became "
+                    f"{'NaN' if math.isnan(loss) or math.isnan(float(grad_norm)) else 'infinite'}; "
+                    f"try a lower --lr (now {self.config.lr:g})")
+            total += loss
+            if progress is not None:
+                progress(step + 1, steps, loss / len(idx))
+        return total / n
+
+    def evaluate(self, x, seed):
+        """Mean negative ELBO (one z sample per image, noise from ``seed``), MSE of the posterior-mean
+        reconstruction, and KL, per image, over uint8 images (N, D)."""
+        model, backend = self.model, self.backend
+        xp, z_dim = backend.xp, model.config.latent_dim
+        rng = np.random.default_rng(seed)
+        rec_total = kl_total = se_total = 0.0
+        for start in range(0, len(x), EVAL_CHUNK):
+            chunk = x[start:start + EVAL_CHUNK]
+            ws = model.workspace(len(chunk))
+            backend.images_into(ws.x, chunk)
+            backend.normal_into(ws.eps, ws.eps_host, rng=rng)
+            rec, kl = model.loss(ws)
+            rec_total, kl_total = rec_total + float(rec), kl_total + float(kl)
+            ws.z[...] = ws.stats[:, :z_dim]
+            model.decode(ws)
+            diff = model.mean_image(ws.out) - ws.x
+            se_total += float(xp.sum(diff * diff))
+        n = max(len(x), 1)
+        return {"val_loss": (rec_total + kl_total) / n, "recon_mse": se_total / (n * x.shape[1]),
+                "kl": kl_total / n}
+
+
+def format_header():
+    return f"{'epoch':>5}  {'train_loss':>10}  {'val_loss':>9}  {'recon_mse':>9}  {'kl':>7}  {'seconds':>7}  {'samples/s':>9}"
+
+
+def format_row(r):
+    return (f"{r['epoch']:>5}  {r['train_loss']:>10.2f}  {r['val_loss']:>9.2f}  {r['recon_mse']:>9.5f}  "
+            f"{r['kl']:>7.2f}  {r['seconds']:>7.1f}  {r['samples_per_s']:>9.0f}")
+
+
+def read_metrics(path, up_to_epoch):
+    """The metrics lines of epochs already in the checkpoint (later ones belong to a lost future)."""
+    if not Path(path).exists():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("epoch", 0) <= up_to_epoch:
+            records.append(record)
+    return records
+
+
+def run_training(run_dir, model_config: ModelConfig, train_config: TrainConfig, backend, dataset,
+                 resume=False, log=print, progress_factory=None):
+    """Trains for ``train_config.epochs`` epochs (continuing a checkpoint when ``resume``).
+
+    ``progress_factory(epoch)`` returns a callable ``(step, steps, loss)`` and may return None.
+    Returns the list of per-epoch metric records.
+    """
+    paths = RunPaths(Path(run_dir))
+    model = VAE(model_config, backend, init_seed=train_config.seed)
+    optimizer = Adam(backend, model.n_params, lr=train_config.lr, beta1=train_config.beta1,
+                     beta2=train_config.beta2, weight_decay=train_config.weight_decay,
+                     clip_norm=train_config.clip_grad)
+    start_epoch, records = 0, []
+    if resume:
+        ckpt = checkpoint.load(paths.checkpoint)
+        restore(model, optimizer, ckpt)
+        start_epoch = ckpt.epoch
+        records = read_metrics(paths.metrics, start_epoch)
+        if start_epoch >= train_config.epochs:
+            log(f"{paths.checkpoint} already has {start_epoch} epochs; pass --epochs N with N > {start_epoch} to go on")
+            return records
+        log(f"resuming {paths.checkpoint} after epoch {start_epoch}")
+    trainer = Trainer(model, optimizer, train_config, dataset.x_train, dataset.x_test)
+    panel = dataset.x_test[:PANEL_IMAGES] if len(dataset.x_test) else dataset.x_train[:PANEL_IMAGES]
+
+    log(format_header())
+    for record in records:
+        log(format_row(record))
+    for epoch in range(start_epoch + 1, train_config.epochs + 1):
+        progress = progress_factory(epoch) if progress_factory else None
+        started = time.perf_counter()
+        train_loss = trainer.train_epoch(epoch, progress)
+        backend.synchronize()
+        seconds = time.perf_counter() - started
+        val = trainer.evaluate(trainer.x_val, seed=train_config.seed + 1) if len(trainer.x_val) else \
+            {"val_loss": float("nan"), "recon_mse": float("nan"), "kl": float("nan")}
+        record = {"epoch": epoch, "train_loss": train_loss, **val, "seconds": seconds,
+                  "samples_per_s": len(trainer.x_train) / seconds}
+        records.append(record)
+        images.save_png(images.comparison(panel, inference.reconstruct(model, panel)), paths.reconstructions(epoch))
+        images.save_png(images.grid(inference.sample(model, SAMPLE_GRID, seed=train_config.seed + 2), ncols=8,
+                                    scale=2), paths.samples(epoch))
+        checkpoint.save(paths.checkpoint, model, optimizer, train_config, epoch, data_name=dataset.name)
+        atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in records))
+        log(format_row(record))
+    return records
+
+
+def restore(model, optimizer, ckpt):
+    backend = model.backend
+    backend.copy_from_host(model.params, ckpt.arrays["params"])
+    backend.copy_from_host(optimizer.m, ckpt.arrays["adam_m"])
+    backend.copy_from_host(optimizer.v, ckpt.arrays["adam_v"])
+    optimizer.t = ckpt.adam_step
+    backend.rng.bit_generator.state = ckpt.rng_state
+
+
+def load_model(path, backend):
+    """The model stored in a checkpoint, ready for inference on ``backend``."""
+    ckpt = checkpoint.load(path)
+    model = VAE(ckpt.model_config, backend)
+    backend.copy_from_host(model.params, ckpt.arrays["params"])
+    return model, ckpt
