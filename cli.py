@@ -262,7 +262,7 @@ def cmd_predict(args):
     out_dir = args.out or args.checkpoint.parent / "predictions"
     for path, original, recon in zip(args.images, originals, recons):
         target = out_dir / f"{path.stem}_reconstruction.png"
-        images.save_png(images.comparison(original[None], recon[None], scale=args.scale), target)
+        images.save_png(images.grid(np.stack([original, recon]), ncols=2, scale=args.scale), target)
         log(f"{target}  mse {inference.mse(original, recon):.5f}")
 
 

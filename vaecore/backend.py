@@ -109,7 +109,8 @@ class Backend:
             self.xp.cuda.get_current_stream().synchronize()
 
     def describe(self):
-        return f"{self.name} ({self.kernels.name} kernels, {np.dtype(str(self.dtype).split('.')[-1]).name})"
+        dtype = getattr(self.dtype, "__name__", None) or str(self.dtype).rsplit(".", 1)[-1]
+        return f"{self.name} ({self.kernels.name} kernels, {dtype})"
 
 
 def cupy_status():

@@ -79,6 +79,7 @@ def read_image(path, image_shape, invert="auto", fit="center"):
         raise VaecoreError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
     if invert == "yes" or (invert == "auto" and _border_mean(pixels) > 127.5):
         pixels = 255 - pixels
+    pixels = _paper_to_black(pixels)
     if fit == "center":
         pixels = _fit_centered(pixels, h, w)
     elif fit == "stretch":
@@ -110,6 +111,20 @@ def open_image(path):
 def _border_mean(pixels):
     border = np.concatenate([pixels[0].ravel(), pixels[-1].ravel(), pixels[:, 0].ravel(), pixels[:, -1].ravel()])
     return float(border.mean())
+
+
+def _paper_to_black(pixels):
+    """Stretches levels so the background is exactly 0 and the brightest ink 255.
+
+    Photographed or JPEG paper is never pure white, and after inversion its grey would read as
+    faint ink everywhere; training images have a background of exactly zero.
+    """
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).astype(np.float32)
+    paper, top = float(np.median(border)), float(pixels.max())
+    if top - paper < 1:
+        return pixels
+    stretched = (pixels.astype(np.float32) - paper) * (255.0 / (top - paper))
+    return np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
 
 
 def _resize(pixels, h, w):

@@ -157,6 +157,10 @@ def run_training(run_dir, model_config: ModelConfig, train_config: TrainConfig, 
     Returns the list of per-epoch metric records.
     """
     paths = RunPaths(Path(run_dir))
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VaecoreError(f"cannot write to {paths.root}: {e.strerror or e}") from None
     model = VAE(model_config, backend, init_seed=train_config.seed)
     optimizer = Adam(backend, model.n_params, lr=train_config.lr, beta1=train_config.beta1,
                      beta2=train_config.beta2, weight_decay=train_config.weight_decay,
