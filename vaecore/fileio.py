@@ -12,6 +12,16 @@ from pathlib import Path
 from .errors import VaecoreError
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes files private (0600); the files we write are ordinary outputs, so follow the umask.
+FILE_MODE = 0o666 & ~_umask()
+
+
 @contextmanager
 def atomic_path(path, suffix=""):
     """Yields a temporary path beside ``path``; on success it replaces ``path`` atomically.
@@ -26,6 +36,7 @@ def atomic_path(path, suffix=""):
         raise VaecoreError(f"cannot write to {path.parent}: {e.strerror or e}") from None
     os.close(fd)
     try:
+        os.chmod(tmp, FILE_MODE)
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
