@@ -8,6 +8,7 @@ with a non-zero exit; anything else is a bug and keeps its traceback.
 import argparse
 import json
 import platform
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -112,7 +113,9 @@ def build_parser():
     t.add_argument("--limit", type=positive_int, metavar="N", help="train on the first N training images only")
     t.add_argument("--out", type=Path, default=DEFAULT_RUN, metavar="DIR", help=f"run directory (default {DEFAULT_RUN})")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed "
-                   "epoch, with its own settings (only --epochs may change)")
+                   "step, with its own settings (only --epochs may change)")
+    t.add_argument("--overwrite", action="store_true", help="start a new run in --out even if it holds a "
+                   "model (its checkpoint, metrics and pictures are replaced)")
 
     p = commands.add_parser("predict", help="reconstruct your own images",
                             description="Reconstruct images with a trained model: each picture is converted "
@@ -191,6 +194,38 @@ def progress_bars():
     return factory
 
 
+class StopOnSignal:
+    """Turns the first SIGINT or SIGTERM into a request to stop after the current step.
+
+    Training polls the instance between steps, saves the last completed step and exits with
+    128 + the signal's number; a second Ctrl-C stops at once.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __call__(self):
+        return self.signum
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
 def load_data(args, source, seed=0):
     from vaecore.data import load_dataset
 
@@ -220,6 +255,9 @@ def cmd_train(args):
             train_config = replace(train_config, epochs=args.epochs)
         source = train_config.data
     else:
+        if RunPaths(args.out).checkpoint.exists() and not args.overwrite:
+            raise VaecoreError(f"{RunPaths(args.out).checkpoint} already exists; continue it with --resume, "
+                               f"replace it with --overwrite, or choose another --out")
         preset_model, preset_train = PRESETS[args.preset]
         train_config = TrainConfig(data=args.data, **{**preset_train, **{k: v for k, v in train_flags.items() if v is not None}})
         model_config = None
@@ -241,8 +279,9 @@ def cmd_train(args):
     log(f"model: {model_config.input_dim}-{'-'.join(map(str, model_config.hidden))}-{model_config.latent_dim}, "
         f"{model_config.likelihood}, {model_config.activation}; Adam lr {train_config.lr:g}, batch "
         f"{train_config.batch_size}, {train_config.epochs} epochs; backend {backend.describe()}")
-    run_training(args.out, model_config, train_config, backend, dataset, resume=args.resume, log=log,
-                 progress_factory=progress_bars())
+    with StopOnSignal() as stop:
+        run_training(args.out, model_config, train_config, backend, dataset, resume=args.resume, log=log,
+                     progress_factory=progress_bars(), stop=stop)
     paths = RunPaths(args.out)
     log(f"wrote {paths.checkpoint}, {paths.metrics} and pictures in {args.out}/")
 
@@ -372,8 +411,9 @@ def main(argv=None):
     try:
         COMMANDS[args.command](args)
     except VaecoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        code = getattr(e, "exit_code", 1)
+        print(str(e) if code > 128 else f"error: {e}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -113,3 +113,29 @@ def test_checkpoint_round_trip_keeps_configs_and_arrays(tmp_path):
     assert loaded.epoch == 1 and loaded.adam_step == trainer.optimizer.t == 8
     np.testing.assert_array_equal(loaded.arrays["params"], trainer.model.params)
     np.testing.assert_array_equal(loaded.arrays["adam_v"], trainer.optimizer.v)
+
+
+def test_warm_training_step_allocates_no_arrays():
+    """After the first step of a batch size, a step allocates nothing NumPy can see.
+
+    tracemalloc traces NumPy's data allocations; one activation buffer of this model is 16 x 32 x 4
+    = 2 KiB, so a peak below 1 KiB means no array was made (Python's own small objects remain).
+    """
+    import tracemalloc
+
+    trainer = make_trainer("numpy")
+    if trainer.backend.kernels.name != "cpu":
+        pytest.skip("the reference kernels allocate temporaries by design; this checks the fused table")
+    batch = trainer.x_train[:16].copy()
+    for _ in range(3):
+        trainer.train_step(batch)
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        for _ in range(5):
+            trainer.train_step(batch)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - before < 1024, f"a warm step allocated {peak - before} bytes"

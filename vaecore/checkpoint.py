@@ -24,6 +24,17 @@ VERSION = 1
 
 
 @dataclass
+class EpochState:
+    """Where an epoch stands. A mid-epoch checkpoint stores it, so a resumed epoch sees the same
+    image order and the same RNG stream, and ends bit for bit where an uninterrupted one would."""
+    epoch: int               # the epoch in progress, 1-based
+    order: np.ndarray        # this epoch's shuffled image indices
+    step: int = 0            # steps completed
+    loss_sum: float = 0.0    # summed negative ELBO of those steps
+    seconds: float = 0.0     # time spent in them
+
+
+@dataclass
 class Checkpoint:
     model_config: ModelConfig
     train_config: TrainConfig
@@ -32,12 +43,20 @@ class Checkpoint:
     adam_step: int
     rng_state: dict       # NumPy bit generator state of the training stream
     data_name: str = ""
+    epoch_state: EpochState = None   # set when saved mid-epoch
 
 
-def save(path, model, optimizer, train_config, epoch, data_name=""):
+def save(path, model, optimizer, train_config, epoch, data_name="", epoch_state=None):
+    """Writes the checkpoint atomically. ``epoch`` counts completed epochs; ``epoch_state`` (an
+    ``EpochState``) records a partly done one."""
     backend = model.backend
     arrays = {"params": model.params, "adam_m": optimizer.m, "adam_v": optimizer.v}
     arrays = {k: np.ascontiguousarray(backend.to_host(v)) for k, v in arrays.items()}
+    in_progress = None
+    if epoch_state is not None:
+        arrays["epoch_order"] = np.ascontiguousarray(epoch_state.order, dtype=np.int64)
+        in_progress = {"epoch": epoch_state.epoch, "step": epoch_state.step,
+                       "loss_sum": epoch_state.loss_sum, "seconds": epoch_state.seconds}
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -48,6 +67,7 @@ def save(path, model, optimizer, train_config, epoch, data_name=""):
         "adam_step": optimizer.t,
         "rng_state": backend.rng.bit_generator.state,
         "data": data_name,
+        "in_progress": in_progress,
         "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str} for k, v in arrays.items()},
     }
     path = Path(path)
@@ -86,7 +106,21 @@ def load(path) -> Checkpoint:
     for name in ("params", "adam_m", "adam_v"):
         if name not in arrays or arrays[name].shape != (expected,):
             raise CheckpointError(f"{path}: {name} should hold {expected} values for this model")
-    return Checkpoint(model_config, train_config, arrays, epoch, adam_step, rng_state, meta.get("data", ""))
+    return Checkpoint(model_config, train_config, arrays, epoch, adam_step, rng_state, meta.get("data", ""),
+                      _epoch_state(path, meta.get("in_progress"), arrays.get("epoch_order"), epoch))
+
+
+def _epoch_state(path, in_progress, order, epoch):
+    if in_progress is None:
+        return None
+    try:
+        state = EpochState(int(in_progress["epoch"]), order, int(in_progress["step"]),
+                           float(in_progress["loss_sum"]), float(in_progress["seconds"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable in-progress epoch ({_first_line(e)})") from None
+    if order is None or order.ndim != 1 or state.epoch != epoch + 1 or state.step < 0:
+        raise CheckpointError(f"{path}: inconsistent in-progress epoch")
+    return state
 
 
 def _read_meta(path, contents):

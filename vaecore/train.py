@@ -19,6 +19,7 @@ from . import checkpoint, images, inference
 from .config import ModelConfig, TrainConfig
 from .errors import VaecoreError
 from .fileio import atomic_write_text
+from .checkpoint import EpochState
 from .model import VAE
 from .optim import Adam
 
@@ -29,6 +30,17 @@ SAMPLE_GRID = 64          # prior samples drawn each epoch, always from the same
 
 class TrainingDiverged(VaecoreError):
     pass
+
+
+class Interrupted(VaecoreError):
+    """SIGINT or SIGTERM arrived; the exit status follows the shell's 128 + signal convention."""
+
+    def __init__(self, signum, epoch, step, saved=None):
+        self.signum, self.epoch, self.step = signum, epoch, step
+        self.exit_code = 128 + signum
+        where = f"after epoch {epoch}" if step == 0 else f"at epoch {epoch}, step {step}"
+        saved_note = f"; saved {saved}, continue with --resume" if saved else ""
+        super().__init__(f"interrupted {where}{saved_note}")
 
 
 @dataclass
@@ -48,6 +60,11 @@ class RunPaths:
 
     def samples(self, epoch):
         return self.root / f"samples_epoch{epoch:03d}.png"
+
+    def remove_pictures(self):
+        for pattern in ("reconstructions_epoch*.png", "samples_epoch*.png"):
+            for path in self.root.glob(pattern):
+                path.unlink(missing_ok=True)
 
 
 class Trainer:
@@ -81,26 +98,41 @@ class Trainer:
         grad_norm = self.optimizer.step(model.params, model.grads)
         return rec, kl, grad_norm
 
-    def train_epoch(self, epoch, progress=None):
-        """One pass over the shuffled training set; returns the mean negative ELBO per image."""
+    def start_epoch(self, epoch):
+        return EpochState(epoch, self.backend.rng.permutation(len(self.x_train)))
+
+    def run_epoch(self, state, progress=None, stop=None):
+        """Runs the rest of ``state``'s epoch; returns the mean negative ELBO per image.
+
+        ``state`` is updated after every step, so when ``stop()`` turns true (checked between steps)
+        the :class:`Interrupted` raised leaves it describing exactly the steps completed.
+        """
         n, batch_size = len(self.x_train), self.config.batch_size
-        order = self.backend.rng.permutation(n)
-        total, steps = 0.0, -(-n // batch_size)
-        for step in range(steps):
-            idx = order[step * batch_size:(step + 1) * batch_size]
+        steps = -(-n // batch_size)
+        while state.step < steps:
+            started = time.perf_counter()
+            idx = state.order[state.step * batch_size:(state.step + 1) * batch_size]
             batch = self._host_batch(len(idx))
             np.take(self.x_train, idx, axis=0, out=batch)
             rec, kl, grad_norm = self.train_step(batch)
             loss = float(rec) + float(kl)
             if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
                 raise TrainingDiverged(
-                    f"training diverged at epoch {epoch}, step {step + 1}: the loss or gradient became "
-                    f"{'NaN' if math.isnan(loss) or math.isnan(float(grad_norm)) else 'infinite'}; "
-                    f"try a lower --lr (now {self.config.lr:g})")
-            total += loss
+                    f"training diverged at epoch {state.epoch}, step {state.step + 1}: the loss or gradient "
+                    f"became {'NaN' if math.isnan(loss) or math.isnan(float(grad_norm)) else 'infinite'}; "
+                    f"try a lower --lr (now {self.config.lr:g}) or --clip-grad")
+            state.step += 1
+            state.loss_sum += loss
+            state.seconds += time.perf_counter() - started
             if progress is not None:
-                progress(step + 1, steps, loss / len(idx))
-        return total / n
+                progress(state.step, steps, loss / len(idx))
+            if stop is not None and stop():
+                raise Interrupted(stop(), state.epoch, state.step)
+        return state.loss_sum / n
+
+    def train_epoch(self, epoch, progress=None):
+        """One whole pass over the shuffled training set; returns the mean negative ELBO per image."""
+        return self.run_epoch(self.start_epoch(epoch), progress)
 
     def evaluate(self, x, seed):
         """Mean negative ELBO (one z sample per image, noise from ``seed``), MSE of the posterior-mean
@@ -150,11 +182,12 @@ def read_metrics(path, up_to_epoch):
 
 
 def run_training(run_dir, model_config: ModelConfig, train_config: TrainConfig, backend, dataset,
-                 resume=False, log=print, progress_factory=None):
+                 resume=False, log=print, progress_factory=None, stop=None):
     """Trains for ``train_config.epochs`` epochs (continuing a checkpoint when ``resume``).
 
-    ``progress_factory(epoch)`` returns a callable ``(step, steps, loss)`` and may return None.
-    Returns the list of per-epoch metric records.
+    ``progress_factory(epoch)`` returns a callable ``(step, steps, loss)`` or None. ``stop()`` is
+    polled between steps; when it returns a signal number, the last completed step is saved and
+    :class:`Interrupted` is raised. Returns the list of per-epoch metric records.
     """
     paths = RunPaths(Path(run_dir))
     try:
@@ -165,39 +198,54 @@ def run_training(run_dir, model_config: ModelConfig, train_config: TrainConfig, 
     optimizer = Adam(backend, model.n_params, lr=train_config.lr, beta1=train_config.beta1,
                      beta2=train_config.beta2, weight_decay=train_config.weight_decay,
                      clip_norm=train_config.clip_grad)
-    start_epoch, records = 0, []
+    completed, records, state = 0, [], None
     if resume:
         ckpt = checkpoint.load(paths.checkpoint)
         restore(model, optimizer, ckpt)
-        start_epoch = ckpt.epoch
-        records = read_metrics(paths.metrics, start_epoch)
-        if start_epoch >= train_config.epochs:
-            log(f"{paths.checkpoint} already has {start_epoch} epochs; pass --epochs N with N > {start_epoch} to go on")
+        completed, state = ckpt.epoch, ckpt.epoch_state
+        records = read_metrics(paths.metrics, completed)
+        if completed >= train_config.epochs:
+            log(f"{paths.checkpoint} already has {completed} epochs; pass --epochs N with N > {completed} to go on")
             return records
-        log(f"resuming {paths.checkpoint} after epoch {start_epoch}")
+        log(f"resuming {paths.checkpoint} " + (f"at epoch {state.epoch}, step {state.step}" if state
+                                               else f"after epoch {completed}"))
     trainer = Trainer(model, optimizer, train_config, dataset.x_train, dataset.x_test)
+    if state is not None and not np.array_equal(np.sort(state.order), np.arange(len(trainer.x_train))):
+        raise VaecoreError(f"{paths.checkpoint} was interrupted on {len(state.order)} training images, "
+                           f"the data now has {len(trainer.x_train)}")
     panel = dataset.x_test[:PANEL_IMAGES] if len(dataset.x_test) else dataset.x_train[:PANEL_IMAGES]
+
+    def save(epoch, epoch_state=None):
+        return checkpoint.save(paths.checkpoint, model, optimizer, train_config, epoch,
+                               data_name=dataset.name, epoch_state=epoch_state)
 
     log(format_header())
     for record in records:
         log(format_row(record))
-    for epoch in range(start_epoch + 1, train_config.epochs + 1):
+    for epoch in range(completed + 1, train_config.epochs + 1):
+        state = state if state is not None else trainer.start_epoch(epoch)
         progress = progress_factory(epoch) if progress_factory else None
-        started = time.perf_counter()
-        train_loss = trainer.train_epoch(epoch, progress)
+        try:
+            train_loss = trainer.run_epoch(state, progress, stop)
+        except Interrupted as e:
+            raise Interrupted(e.signum, e.epoch, e.step, saved=save(epoch - 1, state)) from None
         backend.synchronize()
-        seconds = time.perf_counter() - started
         val = trainer.evaluate(trainer.x_val, seed=train_config.seed + 1) if len(trainer.x_val) else \
             {"val_loss": float("nan"), "recon_mse": float("nan"), "kl": float("nan")}
-        record = {"epoch": epoch, "train_loss": train_loss, **val, "seconds": seconds,
-                  "samples_per_s": len(trainer.x_train) / seconds}
+        record = {"epoch": epoch, "train_loss": train_loss, **val, "seconds": state.seconds,
+                  "samples_per_s": len(trainer.x_train) / max(state.seconds, 1e-9)}
         records.append(record)
+        if epoch == 1:
+            paths.remove_pictures()        # an --overwrite run must not leave the old run's later epochs
         images.save_png(images.comparison(panel, inference.reconstruct(model, panel)), paths.reconstructions(epoch))
         images.save_png(images.grid(inference.sample(model, SAMPLE_GRID, seed=train_config.seed + 2), ncols=8,
                                     scale=2), paths.samples(epoch))
-        checkpoint.save(paths.checkpoint, model, optimizer, train_config, epoch, data_name=dataset.name)
+        save(epoch)
         atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in records))
         log(format_row(record))
+        state = None
+        if stop is not None and stop():
+            raise Interrupted(stop(), epoch, 0, saved=paths.checkpoint)
     return records
 
 
