@@ -138,3 +138,23 @@ def test_unwritable_output_folder_is_one_line(data, tmp_path):
     result = run_cli("train", "--data", str(data), "--epochs", "1", "--out", str(blocker / "run"), *SMALL)
     assert result.returncode == 1 and "cannot write" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_divergence_keeps_the_last_good_checkpoint(data, trained, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.npz").write_bytes((trained / "model.npz").read_bytes())
+    before = (run / "model.npz").read_bytes()
+    result = run_cli("train", "--data", str(data), "--epochs", "1", "--lr", "1e30", "--out", str(run),
+                     "--overwrite", *SMALL)
+    assert result.returncode == 1
+    assert "diverged at epoch 1, step" in result.stderr and "--lr" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (run / "model.npz").read_bytes() == before
+
+
+def test_a_new_run_never_replaces_a_model_silently(data, trained):
+    before = (trained / "model.npz").read_bytes()
+    result = run_cli("train", "--data", str(data), "--epochs", "1", "--out", str(trained), *SMALL)
+    assert result.returncode == 1 and "--resume" in result.stderr and "--overwrite" in result.stderr
+    assert (trained / "model.npz").read_bytes() == before

@@ -66,9 +66,10 @@ def test_bad_files_are_one_line_errors(tmp_path, content, message):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
-def test_decompression_bomb_guard_stays_on(tmp_path, monkeypatch):
-    Image.new("L", (300, 300)).save(tmp_path / "big.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 300*300 is over twice the limit
+@pytest.mark.parametrize("side", [40, 300])      # in Pillow's warning band, and past its error limit
+def test_decompression_bomb_guard_stays_on(tmp_path, monkeypatch, side):
+    Image.new("L", (side, side)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(VaecoreError, match="too many pixels"):
         images.read_image(tmp_path / "big.png", (1, 28, 28))
 
@@ -87,3 +88,11 @@ def test_save_png_replaces_atomically(tmp_path):
     images.save_png(Image.new("L", (4, 4)), target)
     assert Image.open(target).size == (4, 4)
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_light_strokes_on_transparency_stay_visible(tmp_path):
+    rgba = np.zeros((40, 40, 4), dtype=np.uint8)
+    rgba[10:30, 18:22] = (255, 255, 255, 255)                         # opaque white stroke, clear elsewhere
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    image = images.read_image(tmp_path / "t.png", (1, 28, 28))
+    assert image[0, 0, 0] == 0 and image.max() > 200

@@ -7,6 +7,8 @@ stored on the host, so a checkpoint written on one backend loads on the other.
 """
 
 import json
+import math
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +84,11 @@ def load(path) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint (train a model first: python cli.py train)")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            contents = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+        contents = _read_arrays(path)
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, KeyError, TypeError,
+            NotImplementedError, RuntimeError, OverflowError, struct.error) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     meta = _read_meta(path, contents)
     arrays = {}
@@ -121,6 +125,34 @@ def _epoch_state(path, in_progress, order, epoch):
     if order is None or order.ndim != 1 or state.epoch != epoch + 1 or state.step < 0:
         raise CheckpointError(f"{path}: inconsistent in-progress epoch")
     return state
+
+
+def _read_arrays(path):
+    """Every ``.npy`` member of the zip, with nothing allocated beyond what the file holds.
+
+    ``np.load`` would trust each member's header and allocate the shape it claims; here a member
+    must be stored uncompressed (as ``np.savez`` writes it) and its header must describe no more
+    bytes than the member has, before a byte of data is read. Object arrays (pickles) are refused.
+    """
+    file_size = path.stat().st_size
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else None
+            if name is None or info.compress_type != zipfile.ZIP_STORED or info.file_size > file_size:
+                raise CheckpointError(f"{path}: unexpected member {info.filename!r}; not a vaecore checkpoint")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                          else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = header(member)
+                if dtype.hasobject:
+                    raise CheckpointError(f"{path}: array {name!r} holds Python objects; refused")
+                if math.prod(shape) * dtype.itemsize > info.file_size:
+                    raise CheckpointError(f"{path}: array {name!r} claims more data than the file holds")
+            with archive.open(info) as member:
+                arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    return arrays
 
 
 def _read_meta(path, contents):

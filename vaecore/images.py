@@ -4,6 +4,7 @@ All images here are uint8 arrays (N, C, H, W) or (C, H, W), the layout of the da
 does the decoding and resampling. Every PNG is written atomically.
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +68,8 @@ def read_image(path, image_shape, invert="auto", fit="center"):
     """
     c, h, w = image_shape
     picture = open_image(path)
-    if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
-        rgba = picture.convert("RGBA")
-        flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))   # transparency reads as paper
-        picture = Image.alpha_composite(flat, rgba)
+    if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
+        picture = _flatten_transparency(picture.convert("RGBA"))
     picture = picture.convert("L" if c == 1 else "RGB")
     pixels = np.asarray(picture, dtype=np.uint8)
     if pixels.ndim == 2:
@@ -90,22 +89,36 @@ def read_image(path, image_shape, invert="auto", fit="center"):
 
 
 def open_image(path):
-    """Pillow's image, fully decoded, or a one-line error; the decompression-bomb guard stays on."""
+    """Pillow's image, fully decoded, or a one-line error; the decompression-bomb guard stays on,
+    and its warning band (1 to 2 times ``Image.MAX_IMAGE_PIXELS``) is refused too."""
     path = Path(path)
     if not path.exists():
         raise VaecoreError(f"{path}: no such file")
     if path.is_dir():
         raise VaecoreError(f"{path}: is a folder, not an image")
     try:
-        picture = Image.open(path)
-        picture.load()
+        with warnings.catch_warnings():
+            # Pillow only warns between its pixel limit and twice it; a picture that large is no digit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            picture = Image.open(path)
+            picture.load()
         return picture
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise VaecoreError(f"{path}: refused, too many pixels for a safe decode ({e})") from None
     except UnidentifiedImageError:
         raise VaecoreError(f"{path}: not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise VaecoreError(f"{path}: cannot read image ({e})") from None
+
+
+def _flatten_transparency(rgba):
+    """Puts a transparent drawing on paper that contrasts with its ink: dark strokes on white,
+    light strokes on black, so neither vanishes into its background."""
+    pixels = np.asarray(rgba, dtype=np.float32)
+    alpha = pixels[..., 3] / 255.0
+    ink = float((pixels[..., :3].mean(axis=2) * alpha).sum() / max(alpha.sum(), 1e-6))
+    paper = (255, 255, 255, 255) if ink < 128 else (0, 0, 0, 255)
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, paper), rgba)
 
 
 def _border_mean(pixels):

@@ -107,6 +107,11 @@ class Trainer:
         ``state`` is updated after every step, so when ``stop()`` turns true (checked between steps)
         the :class:`Interrupted` raised leaves it describing exactly the steps completed.
         """
+        # overflow shows up as a non-finite loss, which is reported below with the epoch and step
+        with np.errstate(all="ignore"):
+            return self._run_steps(state, progress, stop)
+
+    def _run_steps(self, state, progress, stop):
         n, batch_size = len(self.x_train), self.config.batch_size
         steps = -(-n // batch_size)
         while state.step < steps:

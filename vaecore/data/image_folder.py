@@ -14,6 +14,7 @@ test split in a folder, so a seeded 80/20 split gives the validation set.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,11 @@ def _hidden(path: Path, root: Path) -> bool:
 def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
     """One image as uint8 (channels, size, size), or a DataError naming the file."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # Pillow only warns between its pixel limit and twice it; refuse that band as well
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             img.draft("L" if channels == 1 else "RGB", (size, size))  # JPEG: decode at a reduced scale
             img = ImageOps.exif_transpose(img)
             img = _convert(img, channels)
