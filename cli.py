@@ -274,11 +274,12 @@ def cmd_train(args):
     if tuple(model_config.image_shape) != tuple(dataset.image_shape):
         raise VaecoreError(f"the checkpoint's model takes images of shape {model_config.image_shape}, "
                            f"the data has {dataset.image_shape}")
-    log(f"data: {dataset.name}: {len(dataset.x_train)} train / {len(dataset.x_test)} validation images "
-        f"of {'x'.join(map(str, dataset.image_shape))} ({dataset.origin})")
+    log(f"data: {dataset.name}, {len(dataset.x_train)} train / {len(dataset.x_test)} validation images "
+        f"of {'x'.join(map(str, dataset.image_shape))}")
     log(f"model: {model_config.input_dim}-{'-'.join(map(str, model_config.hidden))}-{model_config.latent_dim}, "
         f"{model_config.likelihood}, {model_config.activation}; Adam lr {train_config.lr:g}, batch "
-        f"{train_config.batch_size}, {train_config.epochs} epochs; backend {backend.describe()}")
+        f"{train_config.batch_size}, {train_config.epochs} epoch{'s' if train_config.epochs != 1 else ''}; "
+        f"backend {backend.describe()}")
     with StopOnSignal() as stop:
         run_training(args.out, model_config, train_config, backend, dataset, resume=args.resume, log=log,
                      progress_factory=progress_bars(), stop=stop)

@@ -44,7 +44,7 @@ def test_train_prints_an_epoch_table(data, tmp_path, capsys):
     assert cli.main(["train", "--data", str(data), "--epochs", "1", "--limit", "64", "--out", str(tmp_path), *SMALL]) == 0
     out = capsys.readouterr().out
     assert "epoch  train_loss   val_loss  recon_mse       kl  seconds  samples/s" in out
-    assert "64 train / 40 validation images" in out
+    assert "data: bars, 64 train / 40 validation images of 1x8x8" in out
     assert f"wrote {tmp_path / 'model.npz'}" in out
 
 
