@@ -47,11 +47,41 @@ REFERENCE = KernelTable(
 )
 
 
+_TABLES = {"reference": REFERENCE}
+_KERNELS = [field for field in KernelTable.__dataclass_fields__ if field != "name"]
+
+
+def _table(name: str, module, suffix: str) -> KernelTable:
+    """The table whose kernel ``foo`` is ``module.foo_<suffix>``."""
+    return KernelTable(name=name, **{field: getattr(module, f"{field}_{suffix}") for field in _KERNELS})
+
+
 def kernel_table(name: str) -> KernelTable:
-    """The table called ``name``: ``reference``, ``cpu`` or ``cuda`` (the last two compile lazily)."""
-    if name == "reference":
-        return REFERENCE
-    raise ValueError(f"unknown kernel table {name!r}; expected 'reference'")
+    """The table called ``name``: ``reference``, ``cpu`` or ``cuda`` (the last two compile lazily).
+
+    ``cpu`` imports Numba's CPU kernels (compiled on first call, then loaded from the on-disk cache;
+    ``kernels.cpu.warm_up()`` does that up front). ``cuda`` imports ``numba.cuda`` only now, so
+    ``import kernels`` never needs CUDA; it raises ``RuntimeError`` with the reason when the CUDA
+    target cannot be imported. Its kernels take CuPy arrays (NumPy arrays under Numba's CUDA simulator).
+    """
+    table = _TABLES.get(name)
+    if table is not None:
+        return table
+    if name == "cpu":
+        from . import cpu
+
+        table = _table("cpu", cpu, "cpu")
+    elif name == "cuda":
+        try:
+            from . import cuda
+        except ImportError as error:  # numba-cuda or its CUDA bindings missing
+            raise RuntimeError(f"the cuda kernel table needs the 'cuda' extra "
+                               f"(pip install 'vaecore[cuda]'): {error}") from error
+        table = _table("cuda", cuda, "cuda")
+    else:
+        raise ValueError(f"unknown kernel table {name!r}; expected 'reference', 'cpu' or 'cuda'")
+    _TABLES[name] = table
+    return table
 
 
 __all__ = ["ACTIVATIONS", "KernelTable", "REFERENCE", "kernel_table"]

@@ -92,7 +92,9 @@ class Backend:
     def images_into(self, out, host_uint8):
         """``out[...] = host_uint8 / 255`` as float on the device; only uint8 crosses to it."""
         if self.name == "numpy":
-            np.multiply(host_uint8, np.float32(1.0 / 255.0), out=out)
+            # convert first, then scale in place: a mixed uint8 * float32 ufunc would allocate a cast buffer
+            np.copyto(out, host_uint8, casting="unsafe")
+            np.multiply(out, out.dtype.type(1.0 / 255.0), out=out)
             return
         staging = self._staging.get(host_uint8.shape)
         if staging is None:
@@ -143,15 +145,18 @@ def make_backend(name="auto", *, seed=0, kernel_table=None, log=None):
         if log is not None:
             log(f"backend auto: using {name}" + ("" if usable else f" ({reason})"))
     if name == "numpy":
-        table = kernels.kernel_table(kernel_table or _default_cpu_table())
-        return Backend("numpy", np, table, rng=rng)
+        return Backend("numpy", np, kernels.kernel_table(kernel_table or "cpu"), rng=rng)
     if name == "cupy":
         usable, reason = cupy_status()
         if not usable:
             raise VaecoreError(f"--backend cupy: {reason}; use --backend numpy or auto")
         import cupy
 
-        return Backend("cupy", cupy, kernels.kernel_table(kernel_table or "cuda"), rng=rng)
+        try:
+            table = kernels.kernel_table(kernel_table or "cuda")
+        except RuntimeError as e:   # Numba's CUDA target missing or not matching CuPy's CUDA
+            raise VaecoreError(f"--backend cupy: {e}") from None
+        return Backend("cupy", cupy, table, rng=rng)
     if name == "array_api_strict":
         import array_api_strict
 
@@ -159,10 +164,3 @@ def make_backend(name="auto", *, seed=0, kernel_table=None, log=None):
                        device=array_api_strict.Device("device1"), rng=rng)
     raise VaecoreError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
-
-def _default_cpu_table():
-    try:
-        kernels.kernel_table("cpu")
-        return "cpu"
-    except ValueError:  # the fused CPU kernels are not built yet
-        return "reference"

@@ -1,0 +1,529 @@
+"""CPU implementations of every kernel: Numba ``@njit`` loops behind thin wrappers.
+
+The maths, shapes and reference of each kernel are documented once, in its op module
+(:mod:`kernels.reparam_kl`, :mod:`kernels.likelihood`, :mod:`kernels.adam`, :mod:`kernels.bias_act`);
+each ``<op>_cpu`` here has exactly the reference's signature.
+
+Contract of the wrappers
+------------------------
+* Arrays must be NumPy ``float32`` and C-contiguous with the shapes the docstrings give; anything else
+  is rejected with a ``ValueError`` naming the argument (the engine allocates its buffers that way, and
+  a silent copy or a second compiled specialisation would hide a slow path). Scalars are Python numbers.
+* Outputs are written into the preallocated buffers; nothing is allocated per call. Loss kernels return
+  the batch sum as a Python ``float``; ``adam_step_cpu`` returns the pre-clip gradient norm (NaN or Inf
+  when the gradients hold one -- no fast-math flag here assumes finite values).
+* An empty batch (``B == 0``) returns a loss of 0.0 and writes nothing.
+
+Why the maths is written out by hand
+------------------------------------
+Numba lowers ``math.exp``/``math.log1p`` to scalar libm calls, which stops LLVM from vectorising the loop;
+on this project's machines that made a fused Bernoulli loss *slower* than NumPy's SIMD ufuncs. The
+``_exp32``, ``_log1p_unit``, ``_tanh32`` helpers below are branch-free float32 polynomials (Cephes-style
+range reduction, Eigen's rational tanh; errors of a few ulp, checked in ``tests/test_kernels.py``) that vectorise, and
+``_radd`` is an addition that carries LLVM's ``reassoc`` flag on that one instruction, so a loss sum
+vectorises without licensing the compiler to reorder the range reductions (which plain
+``fastmath=True`` would).
+
+Compile settings live in this file, not in :mod:`kernels.config`: Numba's on-disk cache (``cache=True``,
+files under ``kernels/__pycache__``) is invalidated only by edits to the file that defines a kernel, so a
+flag read from another module would leave stale machine code behind.
+"""
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from . import config
+from .bias_act import ACTIVATIONS
+from .likelihood import LOG_2PI
+
+# -- compile settings ---------------------------------------------------------------------------------
+# 'contract' lets LLVM fuse a*b+c into an FMA (one rounding instead of two); nothing else is relaxed:
+# no 'nnan'/'ninf' (NaN and Inf must flow through to the returned sums and the Adam norm), no global
+# 'reassoc' (it would fold the two-constant range reduction in _exp32). error_model='numpy' drops the
+# ZeroDivisionError check that otherwise keeps every loop with a division scalar.
+_JIT = dict(cache=True, fastmath={"contract"}, error_model="numpy", nogil=True)
+# A parallel (prange) version exists only for Adam, and is off unless kernels.config.CPU_PARALLEL_ADAM
+# (read at call time): alone it is ~1.8x faster on two cores, but next to OpenBLAS's threads in a
+# training step it loses badly; kernels/config.py has the measurements. The activation-sized kernels
+# take tens of microseconds serially, too little to pay for a thread hand-off.
+_JIT_PARALLEL = dict(_JIT, parallel=True)
+# Below this many parameters the serial Adam is used even when parallel is enabled.
+ADAM_PARALLEL_MIN = 1 << 18
+
+_F32 = np.dtype(np.float32)
+_f = np.float32
+
+# -- float32 building blocks ----------------------------------------------------------------------
+
+
+@intrinsic
+def _radd(typingctx, acc, value):
+    """``acc + value`` marked reassociable, so a loop summing into ``acc`` may vectorise."""
+    if not (isinstance(acc, types.Float) and acc == value):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1], flags=("reassoc", "nsz"))
+
+    return acc(acc, value), codegen
+
+
+@intrinsic
+def _pow2i(typingctx, k):
+    """``2.0 ** k`` as float32 for an integer ``k`` in [-126, 127], by writing the exponent bits."""
+    if not isinstance(k, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        k32 = context.cast(builder, args[0], signature.args[0], types.int32)
+        biased = builder.add(k32, ir.Constant(ir.IntType(32), 127))
+        bits = builder.shl(biased, ir.Constant(ir.IntType(32), 23))
+        return builder.bitcast(bits, ir.FloatType())
+
+    return types.float32(k), codegen
+
+
+_LOG2E = _f(1.4426950408889634)
+_LN2_HI = _f(0.693359375)         # ln 2 split in two so that n * _LN2_HI is exact
+_LN2_LO = _f(-2.12194440e-4)
+
+
+@njit(inline="always", **_JIT)
+def _exp32(x):
+    """exp(x) for float32 ``x``: within 2 ulp, Inf above 88.72, gradual underflow to 0, NaN in -> NaN out."""
+    xc = _f(-104.0) if x < _f(-104.0) else x      # NaN compares false and passes through
+    xc = _f(89.0) if xc > _f(89.0) else xc
+    n = np.floor(xc * _LOG2E + _f(0.5))
+    r = xc - n * _LN2_HI
+    r = r - n * _LN2_LO
+    p = _f(1.9875691500e-4)
+    p = p * r + _f(1.3981999507e-3)
+    p = p * r + _f(8.3334519073e-3)
+    p = p * r + _f(4.1665795894e-2)
+    p = p * r + _f(1.6666665459e-1)
+    p = p * r + _f(5.0000001201e-1)
+    y = p * (r * r) + r + _f(1.0)
+    n = n if n == n else _f(0.0)                   # keep the int conversion defined for NaN input
+    k = np.int32(n)                                # in [-150, 128]
+    k1 = k >> np.int32(1)
+    # two exact scalings keep both factors normal; the last multiply rounds once into a subnormal or Inf
+    return (y * _pow2i(k1)) * _pow2i(k - k1)
+
+
+@njit(inline="always", **_JIT)
+def _log1p_unit(e):
+    """log1p(e) for float32 ``e`` in [0, 1], as 2 atanh(e / (2 + e)); relative error below 4 ulp."""
+    s = e / (_f(2.0) + e)                          # in [0, 1/3]
+    s2 = s * s
+    p = _f(1.0 / 17.0)
+    p = p * s2 + _f(1.0 / 15.0)
+    p = p * s2 + _f(1.0 / 13.0)
+    p = p * s2 + _f(1.0 / 11.0)
+    p = p * s2 + _f(1.0 / 9.0)
+    p = p * s2 + _f(1.0 / 7.0)
+    p = p * s2 + _f(1.0 / 5.0)
+    p = p * s2 + _f(1.0 / 3.0)
+    return _f(2.0) * s + (_f(2.0) * s) * (s2 * p)
+
+
+@njit(inline="always", **_JIT)
+def _sigmoid32(x):
+    """1 / (1 + exp(-x)) through exp(-|x|), so neither sign overflows."""
+    e = _exp32(-abs(x))
+    s = _f(1.0) / (_f(1.0) + e)
+    return s if x >= _f(0.0) else e * s
+
+
+_TANH_CLAMP = _f(7.90531110763549805)
+
+
+@njit(inline="always", **_JIT)
+def _tanh32(x):
+    """tanh(x) by Eigen's float32 rational approximation: within 7 ulp (absolute error below 4e-7).
+
+    Returns ``x`` itself below |x| = 4e-4 and +-1 beyond 9, as float32 tanh does.
+    """
+    xc = _TANH_CLAMP if x > _TANH_CLAMP else x     # NaN passes both clamps
+    xc = -_TANH_CLAMP if xc < -_TANH_CLAMP else xc
+    x2 = xc * xc
+    p = _f(-2.76076847742355e-16)
+    p = p * x2 + _f(2.00018790482477e-13)
+    p = p * x2 + _f(-8.60467152213735e-11)
+    p = p * x2 + _f(5.12229709037114e-08)
+    p = p * x2 + _f(1.48572235717979e-05)
+    p = p * x2 + _f(6.37261928875436e-04)
+    p = p * x2 + _f(4.89352455891786e-03)
+    q = _f(1.19825839466702e-06)
+    q = q * x2 + _f(1.18534705686654e-04)
+    q = q * x2 + _f(2.26843463243900e-03)
+    q = q * x2 + _f(4.89352518554385e-03)
+    t = xc * p / q
+    a = abs(x)
+    t = (_f(1.0) if x > _f(0.0) else _f(-1.0)) if a > _f(9.0) else t   # where float32 tanh is exactly 1
+    return x if a < _f(4e-4) else t
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def _check(name, a, shape):
+    if not isinstance(a, np.ndarray) or a.dtype != _F32 or not a.flags.c_contiguous:
+        kind = type(a).__name__ if not isinstance(a, np.ndarray) else f"{a.dtype} array"
+        contiguous = "" if not isinstance(a, np.ndarray) or a.flags.c_contiguous else " (not C-contiguous)"
+        raise ValueError(f"{name}: the cpu kernels need a C-contiguous float32 NumPy array, "
+                         f"got {kind}{contiguous}; use kernels.kernel_table('reference') for other arrays")
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+
+
+def _check2d(name, a):
+    _check(name, a, a.shape if isinstance(a, np.ndarray) and a.ndim == 2 else (-1, -1))
+    return a.shape
+
+
+# -- 1. reparameterization fused with the KL term ----------------------------------------------------
+
+
+@njit(**_JIT)
+def _reparameterize_kl(stats, eps, z_out):
+    n_rows, n_latent = eps.shape
+    total = 0.0
+    for i in range(n_rows):
+        acc = _f(0.0)
+        for j in range(n_latent):
+            mu = stats[i, j]
+            logvar = stats[i, n_latent + j]
+            std = _exp32(_f(0.5) * logvar)
+            z_out[i, j] = mu + std * eps[i, j]
+            acc = _radd(acc, _f(1.0) + logvar - mu * mu - _exp32(logvar))
+        total += acc
+    return -0.5 * total
+
+
+@njit(**_JIT)
+def _reparameterize_kl_backward(stats, eps, dz, kl_weight, dstats_out):
+    n_rows, n_latent = eps.shape
+    w = _f(kl_weight)
+    half_w = _f(0.5 * kl_weight)
+    for i in range(n_rows):
+        for j in range(n_latent):
+            mu = stats[i, j]
+            std = _exp32(_f(0.5) * stats[i, n_latent + j])
+            g = dz[i, j]
+            dstats_out[i, j] = g + w * mu
+            dstats_out[i, n_latent + j] = _f(0.5) * g * eps[i, j] * std + half_w * (std * std - _f(1.0))
+
+
+def _check_reparam(stats, eps, *others):
+    n_rows, n_latent = _check2d("eps", eps)
+    _check("stats", stats, (n_rows, 2 * n_latent))
+    for name, a, shape in others:
+        _check(name, a, shape)
+    return n_rows, n_latent
+
+
+def reparameterize_kl_cpu(stats, eps, z_out):
+    n_rows, n_latent = _check_reparam(stats, eps, ("z_out", z_out, eps.shape))
+    return _reparameterize_kl(stats, eps, z_out)
+
+
+def reparameterize_kl_backward_cpu(stats, eps, dz, kl_weight, dstats_out):
+    _check_reparam(stats, eps, ("dz", dz, eps.shape), ("dstats_out", dstats_out, stats.shape))
+    _reparameterize_kl_backward(stats, eps, dz, float(kl_weight), dstats_out)
+
+
+# -- 2. likelihoods fused with their gradient ----------------------------------------------------------
+
+
+@njit(**_JIT)
+def _bernoulli_nll_grad(logits, x, grad_scale, dlogits_out):
+    n_rows, n_cols = logits.shape
+    g = _f(grad_scale)
+    total = 0.0
+    for i in range(n_rows):
+        acc = _f(0.0)
+        for j in range(n_cols):
+            l = logits[i, j]
+            t = x[i, j]
+            e = _exp32(-abs(l))                                   # in [0, 1]: never overflows
+            s = _f(1.0) / (_f(1.0) + e)
+            sigmoid = s if l >= _f(0.0) else e * s
+            dlogits_out[i, j] = g * (sigmoid - t)
+            relu = _f(0.0) if l < _f(0.0) else l                  # max(l, 0), keeping NaN
+            acc = _radd(acc, relu + _log1p_unit(e) - t * l)       # softplus(l) - x l
+        total += acc
+    return total
+
+
+@njit(**_JIT)
+def _gaussian_nll_grad(mean, x, inv_var, grad_scale, dmean_out):
+    n_rows, n_cols = mean.shape
+    g = _f(grad_scale * inv_var)
+    total = 0.0
+    for i in range(n_rows):
+        acc = _f(0.0)
+        for j in range(n_cols):
+            d = mean[i, j] - x[i, j]
+            dmean_out[i, j] = g * d
+            acc = _radd(acc, d * d)
+        total += acc
+    return total
+
+
+@njit(**_JIT)
+def _gaussian_learned_nll_grad(out, x, grad_scale, dout_out):
+    n_rows, n_pixels = x.shape
+    g = _f(grad_scale)
+    half_g = _f(0.5 * grad_scale)
+    total = 0.0
+    for i in range(n_rows):
+        # 1-D row views: with them LLVM proves the two output halves apart and vectorises the loop
+        mean, logvar = out[i, :n_pixels], out[i, n_pixels:]
+        dmean, dlogvar = dout_out[i, :n_pixels], dout_out[i, n_pixels:]
+        target = x[i]
+        acc = _f(0.0)
+        for j in range(n_pixels):
+            d = mean[j] - target[j]
+            s = logvar[j]
+            inv_var = _exp32(-s)
+            sq = d * d * inv_var
+            dmean[j] = g * d * inv_var
+            dlogvar[j] = half_g * (_f(1.0) - sq)
+            acc = _radd(acc, sq + s)
+        total += acc
+    return total
+
+
+def bernoulli_nll_grad_cpu(logits, x, grad_scale, dlogits_out):
+    shape = _check2d("logits", logits)
+    _check("x", x, shape)
+    _check("dlogits_out", dlogits_out, shape)
+    return _bernoulli_nll_grad(logits, x, float(grad_scale), dlogits_out)
+
+
+def gaussian_nll_grad_cpu(mean, x, logvar, grad_scale, dmean_out):
+    shape = _check2d("mean", mean)
+    _check("x", x, shape)
+    _check("dmean_out", dmean_out, shape)
+    inv_var = math.exp(-logvar)
+    sq_sum = _gaussian_nll_grad(mean, x, inv_var, float(grad_scale), dmean_out)
+    return 0.5 * inv_var * sq_sum + 0.5 * (logvar + LOG_2PI) * (shape[0] * shape[1])
+
+
+def gaussian_learned_nll_grad_cpu(out, x, grad_scale, dout_out):
+    n_rows, n_pixels = _check2d("x", x)
+    _check("out", out, (n_rows, 2 * n_pixels))
+    _check("dout_out", dout_out, (n_rows, 2 * n_pixels))
+    total = _gaussian_learned_nll_grad(out, x, float(grad_scale), dout_out)
+    return 0.5 * total + 0.5 * LOG_2PI * (n_rows * n_pixels)
+
+
+# -- 3. Adam over one flat buffer ------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _sum_squares(a):
+    acc = 0.0
+    for i in range(a.size):
+        v = np.float64(a[i])
+        acc = _radd(acc, v * v)
+    return acc
+
+
+@njit(**_JIT)
+def _adam_serial(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay):
+    """Updates every element; returns the sum of squares of the gradients it read (pre-clip)."""
+    # float32 constants, as NumPy applies Python floats to float32 arrays in the reference
+    b1, b2, m_scale, v_scale = _f(beta1), _f(beta2), _f(c1), _f(c2)
+    lr_t, root, eps32, wd = _f(step_size), _f(root_corr), _f(eps), _f(decay)
+    acc = 0.0
+    for i in range(params.size):         # from 0: indices known non-negative, so the loop vectorises
+        g = grads[i]
+        g64 = np.float64(g)
+        acc = _radd(acc, g64 * g64)
+        m_i = b1 * m[i] + m_scale * g
+        v_i = b2 * v[i] + v_scale * (g * g)
+        m[i] = m_i
+        v[i] = v_i
+        p = params[i]
+        params[i] = p - lr_t * m_i / (math.sqrt(v_i) / root + eps32) - wd * p
+    return acc
+
+
+@njit(**_JIT_PARALLEL)
+def _adam_parallel(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, n_chunks):
+    n = params.size
+    acc = 0.0
+    for c in prange(n_chunks):
+        lo = c * n // n_chunks
+        hi = (c + 1) * n // n_chunks
+        acc += _adam_serial(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], beta1, beta2, c1, c2,
+                            step_size, root_corr, eps, decay)
+    return acc
+
+
+@njit(**_JIT_PARALLEL)
+def _sum_squares_parallel(a, n_chunks):
+    n = a.size
+    acc = 0.0
+    for c in prange(n_chunks):
+        acc += _sum_squares(a[c * n // n_chunks:(c + 1) * n // n_chunks])
+    return acc
+
+
+def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                  weight_decay=0.0, clip_norm=0.0):
+    """One pass over the buffers (two when clipping: the norm must be known first).
+
+    The update runs in float32 with the reference's constants; the norm is accumulated in float64, so
+    it is a little more accurate than the reference's and finite for any finite gradient.
+    """
+    shape = params.shape if isinstance(params, np.ndarray) and params.ndim == 1 else (-1,)
+    _check("params", params, shape)
+    _check("grads", grads, shape)
+    _check("m", m, shape)
+    _check("v", v, shape)
+    parallel = config.CPU_PARALLEL_ADAM and params.size >= ADAM_PARALLEL_MIN
+    n_chunks = 8 * config.cpu_threads() if parallel else 1
+    b1, b2 = float(beta1), float(beta2)
+    step_size = lr / (1.0 - b1 ** step)
+    root_corr = math.sqrt(1.0 - b2 ** step)
+    decay = lr * weight_decay
+    if clip_norm > 0:
+        sq = _sum_squares_parallel(grads, n_chunks) if parallel else _sum_squares(grads)
+        norm = math.sqrt(sq)
+        ratio = clip_norm / (norm + 1e-6)
+        scale = ratio if ratio < 1.0 else 1.0      # a NaN norm leaves scale at 1, as min(1, nan) does
+    else:
+        norm, scale = None, 1.0
+    c1, c2 = (1.0 - b1) * scale, (1.0 - b2) * scale * scale
+    args = (params, grads, m, v, b1, b2, c1, c2, step_size, root_corr, float(eps), decay)
+    if parallel:
+        sq = _adam_parallel(*args, n_chunks)
+    else:
+        sq = _adam_serial(*args)
+    return math.sqrt(sq) if norm is None else norm
+
+
+# -- 4. bias + activation ------------------------------------------------------------------------------
+
+_ACTIVATION_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}   # identity relu tanh sigmoid
+
+
+@njit(**_JIT)
+def _bias_act(h, bias, code):
+    n_rows, n_cols = h.shape
+    # one loop nest per activation, so each inner loop is branch-free and vectorises
+    if code == 0:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                h[i, j] = h[i, j] + bias[j]
+    elif code == 1:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                pre = h[i, j] + bias[j]
+                h[i, j] = _f(0.0) if pre < _f(0.0) else pre
+    elif code == 2:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                h[i, j] = _tanh32(h[i, j] + bias[j])
+    else:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                h[i, j] = _sigmoid32(h[i, j] + bias[j])
+
+
+@njit(**_JIT)
+def _bias_act_backward(dy, y, code, dpre_out, dbias_out):
+    n_rows, n_cols = dy.shape
+    for j in range(n_cols):
+        dbias_out[j] = _f(0.0)
+    # rows outer, columns inner: unit-stride everywhere, the bias sum accumulates row by row
+    if code == 0:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                d = dy[i, j]
+                dpre_out[i, j] = d
+                dbias_out[j] += d
+    elif code == 1:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                d = dy[i, j] if y[i, j] > _f(0.0) else _f(0.0)
+                dpre_out[i, j] = d
+                dbias_out[j] += d
+    elif code == 2:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                t = y[i, j]
+                d = dy[i, j] * (_f(1.0) - t * t)
+                dpre_out[i, j] = d
+                dbias_out[j] += d
+    else:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                s = y[i, j]
+                d = dy[i, j] * s * (_f(1.0) - s)
+                dpre_out[i, j] = d
+                dbias_out[j] += d
+
+
+def _activation_code(activation):
+    code = _ACTIVATION_CODE.get(activation)
+    if code is None:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    return code
+
+
+def bias_act_cpu(h, bias, activation):
+    code = _activation_code(activation)
+    n_rows, n_cols = _check2d("h", h)
+    _check("bias", bias, (n_cols,))
+    _bias_act(h, bias, code)
+
+
+def bias_act_backward_cpu(dy, y, activation, dpre_out, dbias_out):
+    code = _activation_code(activation)
+    shape = _check2d("dy", dy)
+    _check("y", y, shape)
+    _check("dpre_out", dpre_out, shape)
+    _check("dbias_out", dbias_out, (shape[1],))
+    _bias_act_backward(dy, y, code, dpre_out, dbias_out)
+
+
+def warm_up():
+    """Compiles (or loads from the on-disk cache) every CPU kernel for the engine's argument types."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 4), dtype=np.float32)
+    b = np.empty_like(a)
+    s = rng.standard_normal((2, 8), dtype=np.float32)
+    reparameterize_kl_cpu(s, a, b)
+    reparameterize_kl_backward_cpu(s, a, a, 1.0, np.empty_like(s))
+    bernoulli_nll_grad_cpu(a, a, 1.0, b)
+    gaussian_nll_grad_cpu(a, a, 0.0, 1.0, b)
+    gaussian_learned_nll_grad_cpu(s, a, 1.0, np.empty_like(s))
+    for activation in ACTIVATIONS:
+        bias_act_cpu(b, a[0], activation)
+        bias_act_backward_cpu(a, b, activation, np.empty_like(a), np.empty(4, np.float32))
+    p = np.zeros(16, np.float32)
+    adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3)
+    adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3, clip_norm=1.0)
+    if config.CPU_PARALLEL_ADAM:
+        p = np.zeros(ADAM_PARALLEL_MIN, np.float32)
+        adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3, clip_norm=1.0)
+
+
+__all__ = [
+    "adam_step_cpu",
+    "bernoulli_nll_grad_cpu",
+    "bias_act_backward_cpu",
+    "bias_act_cpu",
+    "gaussian_learned_nll_grad_cpu",
+    "gaussian_nll_grad_cpu",
+    "reparameterize_kl_backward_cpu",
+    "reparameterize_kl_cpu",
+    "warm_up",
+]

@@ -1,0 +1,472 @@
+"""The Numba CPU kernels agree with the reference kernels (the oracle), including at the edges.
+
+Tolerances (float32, machine epsilon 1.2e-7):
+* element-wise outputs: rtol 1e-5 (about 80 ulp; the fused kernels use their own exp/log1p/tanh,
+  accurate to a few ulp, and may fuse a multiply-add), atol 1e-6 times the output's natural scale
+  (``grad_scale`` for gradients) for values that cancel to near zero;
+* batch sums: rtol 1e-5 plus atol 1e-5 per summed element. The reference sums in float32 (pairwise),
+  the CPU kernels accumulate each row in float32 lanes and the rows in float64, so the two differ by
+  the reference's own rounding, which grows with the element count;
+* Adam: parameters and moments rtol 1e-5, the gradient norm rtol 1e-5.
+"""
+
+import inspect
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import cpu
+from kernels.adam import adam_step_reference
+from kernels.bias_act import ACTIVATIONS, bias_act_backward_reference, bias_act_reference
+from kernels.likelihood import (
+    bernoulli_nll_grad_reference,
+    gaussian_learned_nll_grad_reference,
+    gaussian_nll_grad_reference,
+)
+from kernels.reparam_kl import reparameterize_kl_backward_reference, reparameterize_kl_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+RTOL = 1e-5
+SHAPES = [(1, 784), (4, 784), (128, 784), (3, 7), (0, 784)]   # batch of 1, configs' sizes, odd, empty
+
+
+def f32(rng, shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def assert_sum_close(actual, expected, n_terms):
+    assert isinstance(actual, float)
+    np.testing.assert_allclose(actual, float(expected), rtol=RTOL, atol=1e-5 * max(n_terms, 1))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20240604)
+
+
+# -- the table --------------------------------------------------------------------------------------
+
+
+def test_cpu_table_has_every_kernel_with_the_reference_signature():
+    table = kernels.kernel_table("cpu")
+    assert table.name == "cpu" and kernels.kernel_table("cpu") is table
+    for field in kernels.KernelTable.__dataclass_fields__:
+        if field == "name":
+            continue
+        reference = getattr(kernels.REFERENCE, field)
+        assert inspect.signature(getattr(table, field)) == inspect.signature(reference), field
+
+
+def test_unknown_table_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown kernel table 'gpu'"):
+        kernels.kernel_table("gpu")
+
+
+def test_importing_kernels_and_the_cpu_table_never_imports_cuda():
+    code = ("import sys, kernels; kernels.kernel_table('cpu'); "
+            "assert 'numba.cuda' not in sys.modules, 'numba.cuda imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+# -- float32 building blocks ------------------------------------------------------------------------
+
+
+def _ulp_error(actual, exact):
+    """Error in units of the float32 spacing at the exact value (float64)."""
+    spacing = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    return np.abs(actual.astype(np.float64) - exact) / spacing
+
+
+@pytest.fixture(scope="module")
+def elementwise():
+    from numba import njit
+
+    def vectorised(scalar):
+        @njit
+        def apply(a, out):
+            for i in range(a.size):
+                out[i] = scalar(a[i])
+        return lambda a: (apply(a, out := np.empty_like(a)), out)[1]
+
+    return {"exp": vectorised(cpu._exp32), "log1p": vectorised(cpu._log1p_unit),
+            "tanh": vectorised(cpu._tanh32), "sigmoid": vectorised(cpu._sigmoid32)}
+
+
+def test_exp32_is_within_2_ulp_and_overflows_and_underflows_like_expf(elementwise):
+    x = np.linspace(-87.0, 88.5, 2_000_001, dtype=np.float32)
+    assert _ulp_error(elementwise["exp"](x), np.exp(x.astype(np.float64))).max() <= 2
+    edge = np.array([-1e4, -104.0, -100.0, -88.0, 88.8, 1e4, np.inf, -np.inf, np.nan], np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        expected = np.exp(edge)
+    got = elementwise["exp"](edge)
+    np.testing.assert_allclose(got[:4], expected[:4], rtol=1e-6, atol=3e-45)   # subnormals: 2 steps
+    assert np.isposinf(got[4:7]).all() and got[7] == 0.0 and np.isnan(got[8])
+
+
+def test_log1p_unit_is_within_4_ulp_on_zero_to_one(elementwise):
+    e = np.concatenate([np.linspace(0.0, 1.0, 1_000_001, dtype=np.float32),
+                        np.logspace(-44, -1, 10_000).astype(np.float32)])
+    e = e[e > 0]
+    assert _ulp_error(elementwise["log1p"](e), np.log1p(e.astype(np.float64))).max() <= 4
+
+
+def test_tanh32_within_7_ulp_and_sigmoid32_within_4_ulp_of_float64(elementwise):
+    x = np.linspace(-12.0, 12.0, 2_000_001, dtype=np.float32)
+    x64 = x.astype(np.float64)
+    tanh = elementwise["tanh"](x)
+    assert _ulp_error(tanh, np.tanh(x64)).max() <= 7          # the rational form; 4e-7 absolute
+    sig_exact = 1.0 / (1.0 + np.exp(-x64))
+    assert _ulp_error(elementwise["sigmoid"](x), sig_exact).max() <= 4
+    big = np.array([-1e4, -100.0, 100.0, 1e4], np.float32)
+    np.testing.assert_array_equal(elementwise["tanh"](big), [-1, -1, 1, 1])
+    assert np.isnan(elementwise["tanh"](np.array([np.nan], np.float32))).all()
+    np.testing.assert_array_equal(elementwise["sigmoid"](big)[2:], [1, 1])
+    assert (elementwise["sigmoid"](big)[:2] < 1e-43).all()
+
+
+# -- 1. reparameterization + KL -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_rows,n_latent", [(1, 20), (4, 200), (128, 20), (512, 64), (3, 5), (0, 20)])
+@pytest.mark.parametrize("logvar_scale", [1.0, 30.0])
+def test_reparameterize_kl_matches_reference(rng, n_rows, n_latent, logvar_scale):
+    stats = np.concatenate([f32(rng, (n_rows, n_latent)),
+                            np.clip(f32(rng, (n_rows, n_latent), logvar_scale), -30, 30)], axis=1)
+    eps = f32(rng, (n_rows, n_latent))
+    z_ref, z_cpu = np.empty_like(eps), np.full_like(eps, np.nan)
+    kl_ref = reparameterize_kl_reference(stats, eps, z_ref)
+    kl_cpu = cpu.reparameterize_kl_cpu(stats, eps, z_cpu)
+    np.testing.assert_allclose(z_cpu, z_ref, rtol=RTOL, atol=1e-6)
+    assert_sum_close(kl_cpu, kl_ref, eps.size)
+
+
+@pytest.mark.parametrize("n_rows,n_latent", [(1, 20), (4, 200), (128, 20), (512, 64), (3, 5), (0, 20)])
+@pytest.mark.parametrize("logvar_scale", [1.0, 30.0])
+def test_reparameterize_kl_backward_matches_reference(rng, n_rows, n_latent, logvar_scale):
+    stats = np.concatenate([f32(rng, (n_rows, n_latent)),
+                            np.clip(f32(rng, (n_rows, n_latent), logvar_scale), -30, 30)], axis=1)
+    eps, dz = f32(rng, (n_rows, n_latent)), f32(rng, (n_rows, n_latent), 0.1)
+    d_ref, d_cpu = np.empty_like(stats), np.full_like(stats, np.nan)
+    reparameterize_kl_backward_reference(stats, eps, dz, 0.7, d_ref)
+    assert cpu.reparameterize_kl_backward_cpu(stats, eps, dz, 0.7, d_cpu) is None
+    np.testing.assert_allclose(d_cpu, d_ref, rtol=RTOL, atol=1e-6)
+
+
+def test_reparameterize_kl_at_logvar_plus_minus_30_is_finite_and_exact_ish():
+    stats = np.array([[0.5, -1.0, 30.0, -30.0]], np.float32)
+    eps = np.array([[1.0, 2.0]], np.float32)
+    z = np.empty_like(eps)
+    kl = cpu.reparameterize_kl_cpu(stats, eps, z)
+    np.testing.assert_allclose(z, [[0.5 + math.exp(15.0), -1.0 + 2.0 * math.exp(-15.0)]], rtol=1e-6)
+    exact = -0.5 * ((1 + 30 - 0.25 - math.exp(30)) + (1 - 30 - 1.0 - math.exp(-30)))
+    assert math.isfinite(kl) and kl == pytest.approx(exact, rel=1e-6)
+    dstats = np.empty_like(stats)
+    cpu.reparameterize_kl_backward_cpu(stats, eps, np.ones_like(eps), 1.0, dstats)
+    assert np.isfinite(dstats).all()
+    np.testing.assert_allclose(dstats[0, 2], 0.5 * math.exp(15) + 0.5 * (math.exp(30) - 1), rtol=1e-6)
+
+
+# -- 2. likelihoods -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("logit_scale", [1.0, 10.0])
+def test_bernoulli_nll_grad_matches_reference(rng, shape, logit_scale):
+    logits, x = f32(rng, shape, logit_scale), rng.random(shape, dtype=np.float32)
+    x[: shape[0] // 2] = x[: shape[0] // 2] > 0.5          # binary and grey-level targets
+    grad_scale = 1.0 / max(shape[0], 1)
+    d_ref, d_cpu = np.empty_like(logits), np.full_like(logits, np.nan)
+    nll_ref = bernoulli_nll_grad_reference(logits, x, grad_scale, d_ref)
+    nll_cpu = cpu.bernoulli_nll_grad_cpu(logits, x, grad_scale, d_cpu)
+    np.testing.assert_allclose(d_cpu, d_ref, rtol=RTOL, atol=1e-6 * grad_scale)
+    assert_sum_close(nll_cpu, nll_ref, logits.size)
+
+
+@pytest.mark.parametrize("magnitude", [100.0, 1e4])
+def test_bernoulli_at_huge_logits_is_finite_with_exact_gradient(magnitude):
+    logits = np.array([[magnitude, -magnitude, magnitude, -magnitude, magnitude, -magnitude]], np.float32)
+    x = np.array([[1.0, 0.0, 0.0, 1.0, 0.5, 0.5]], np.float32)
+    dlogits = np.empty_like(logits)
+    nll = cpu.bernoulli_nll_grad_cpu(logits, x, 0.5, dlogits)
+    # softplus(l) - x l: 0, 0, m, m, m/2, m/2 (plus log1p(exp(-m)), below float32 resolution)
+    assert math.isfinite(nll) and nll == pytest.approx(3 * magnitude, rel=1e-6)
+    np.testing.assert_allclose(dlogits, 0.5 * np.array([[0, 0, 1, -1, 0.5, -0.5]]), rtol=0, atol=1e-30)
+    d_ref = np.empty_like(logits)
+    np.testing.assert_allclose(nll, bernoulli_nll_grad_reference(logits, x, 0.5, d_ref), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("logvar", [0.0, -2.5, 3.0])
+def test_gaussian_nll_grad_matches_reference(rng, shape, logvar):
+    mean, x = rng.random(shape, dtype=np.float32), rng.random(shape, dtype=np.float32)
+    grad_scale = 1.0 / max(shape[0], 1)
+    d_ref, d_cpu = np.empty_like(mean), np.full_like(mean, np.nan)
+    nll_ref = gaussian_nll_grad_reference(mean, x, logvar, grad_scale, d_ref)
+    nll_cpu = cpu.gaussian_nll_grad_cpu(mean, x, logvar, grad_scale, d_cpu)
+    np.testing.assert_allclose(d_cpu, d_ref, rtol=RTOL, atol=1e-6 * grad_scale)
+    assert_sum_close(nll_cpu, nll_ref, mean.size)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("logvar_scale", [1.0, 30.0])
+def test_gaussian_learned_nll_grad_matches_reference(rng, shape, logvar_scale):
+    n_rows, n_pixels = shape
+    out = np.concatenate([rng.random(shape, dtype=np.float32),
+                          np.clip(f32(rng, shape, logvar_scale), -30, 30)], axis=1)
+    x = rng.random(shape, dtype=np.float32)
+    grad_scale = 1.0 / max(n_rows, 1)
+    d_ref, d_cpu = np.empty_like(out), np.full_like(out, np.nan)
+    nll_ref = gaussian_learned_nll_grad_reference(out, x, grad_scale, d_ref)
+    nll_cpu = cpu.gaussian_learned_nll_grad_cpu(out, x, grad_scale, d_cpu)
+    np.testing.assert_allclose(d_cpu, d_ref, rtol=RTOL, atol=1e-6 * grad_scale)
+    mean64, logvar64 = out[:, :n_pixels].astype(np.float64), out[:, n_pixels:].astype(np.float64)
+    terms = ((mean64 - x) ** 2 * np.exp(-logvar64) + np.abs(logvar64)).sum()   # scale of the sum
+    np.testing.assert_allclose(nll_cpu, float(nll_ref), rtol=0, atol=RTOL * terms + 1e-5 * x.size)
+
+
+def test_empty_batch_gives_zero_loss():
+    empty = np.zeros((0, 784), np.float32)
+    assert cpu.bernoulli_nll_grad_cpu(empty, empty, 1.0, empty.copy()) == 0.0
+    assert cpu.gaussian_nll_grad_cpu(empty, empty, 0.3, 1.0, empty.copy()) == 0.0
+    assert cpu.gaussian_learned_nll_grad_cpu(np.zeros((0, 1568), np.float32), empty, 1.0,
+                                             np.zeros((0, 1568), np.float32)) == 0.0
+    assert cpu.reparameterize_kl_cpu(np.zeros((0, 40), np.float32), np.zeros((0, 20), np.float32),
+                                     np.zeros((0, 20), np.float32)) == 0.0
+
+
+def test_nan_in_the_logits_reaches_the_loss():
+    logits = np.zeros((2, 3), np.float32)
+    logits[1, 2] = np.nan
+    assert math.isnan(cpu.bernoulli_nll_grad_cpu(logits, np.zeros_like(logits), 1.0, np.empty_like(logits)))
+
+
+# -- 3. Adam ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 1000, 869_184])
+@pytest.mark.parametrize("weight_decay,clip_norm", [(0.0, 0.0), (0.01, 0.0), (0.0, 1.0), (0.01, 1e4)])
+def test_adam_step_matches_reference_over_several_steps(rng, n, weight_decay, clip_norm):
+    params = f32(rng, n)
+    ref = [params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    out = [params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    for step in range(1, 4):
+        grads = f32(rng, n, 0.1)
+        norm_ref = adam_step_reference(*ref[:1], grads, *ref[1:], step, 1e-3, weight_decay=weight_decay,
+                                       clip_norm=clip_norm)
+        norm_cpu = cpu.adam_step_cpu(*out[:1], grads, *out[1:], step, 1e-3, weight_decay=weight_decay,
+                                     clip_norm=clip_norm)
+        assert isinstance(norm_cpu, float)
+        assert norm_cpu == pytest.approx(norm_ref, rel=RTOL)
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-7)
+
+
+def test_adam_clipping_bounds_the_effective_gradient(rng):
+    params, grads = np.zeros(100, np.float32), np.full(100, 3.0, np.float32)   # norm 30
+    m, v = np.zeros(100, np.float32), np.zeros(100, np.float32)
+    norm = cpu.adam_step_cpu(params, grads, m, v, 1, 1e-3, clip_norm=1.0)
+    assert norm == pytest.approx(30.0, rel=1e-6)
+    np.testing.assert_allclose(m, 0.1 * 3.0 / 30.0, rtol=1e-5)              # (1 - b1) * g * clip / norm
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("clip_norm", [0.0, 1.0])
+def test_adam_norm_reports_nan_and_inf_gradients(bad, clip_norm):
+    grads = np.ones(1000, np.float32)
+    grads[7] = bad
+    z = np.zeros(1000, np.float32)
+    norm = cpu.adam_step_cpu(z.copy(), grads, z.copy(), z.copy(), 1, 1e-3, clip_norm=clip_norm)
+    assert math.isnan(norm) if np.isnan(bad) else math.isinf(norm)
+
+
+def test_adam_does_not_modify_the_gradients(rng):
+    grads = f32(rng, 500)
+    before = grads.copy()
+    cpu.adam_step_cpu(f32(rng, 500), grads, np.zeros(500, np.float32), np.zeros(500, np.float32), 1, 1e-3,
+                      clip_norm=0.5)
+    np.testing.assert_array_equal(grads, before)
+
+
+def test_parallel_adam_matches_serial(rng, monkeypatch):
+    from kernels import config
+
+    n = cpu.ADAM_PARALLEL_MIN + 12345
+    params, grads = f32(rng, n), f32(rng, n, 0.1)
+    serial = [params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    parallel = [params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    norm_serial = cpu.adam_step_cpu(serial[0], grads, *serial[1:], 1, 1e-3, clip_norm=1.0)
+    monkeypatch.setattr(config, "CPU_PARALLEL_ADAM", True)
+    norm_parallel = cpu.adam_step_cpu(parallel[0], grads, *parallel[1:], 1, 1e-3, clip_norm=1.0)
+    assert norm_parallel == pytest.approx(norm_serial, rel=1e-12)
+    for a, b in zip(parallel, serial):
+        np.testing.assert_array_equal(a, b)
+
+
+# -- 4. bias + activation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 400), (4, 400), (128, 400), (512, 1024), (3, 7), (0, 400)])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_bias_act_matches_reference(rng, shape, activation):
+    h = f32(rng, shape, 3.0)
+    bias = f32(rng, shape[1])
+    h_ref, h_cpu = h.copy(), h.copy()
+    bias_act_reference(h_ref, bias, activation)
+    assert cpu.bias_act_cpu(h_cpu, bias, activation) is None
+    np.testing.assert_allclose(h_cpu, h_ref, rtol=RTOL, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 400), (4, 400), (128, 400), (512, 1024), (3, 7), (0, 400)])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_bias_act_backward_matches_reference(rng, shape, activation, in_place):
+    y = f32(rng, shape)
+    bias_act_reference(y, np.zeros(shape[1], np.float32), activation)     # a valid layer output
+    dy = f32(rng, shape)
+    dpre_ref, dbias_ref = np.empty_like(dy), np.empty(shape[1], np.float32)
+    bias_act_backward_reference(dy, y, activation, dpre_ref, dbias_ref)
+    dy_cpu = dy.copy()
+    dpre_cpu = dy_cpu if in_place else np.full_like(dy, np.nan)
+    dbias_cpu = np.full(shape[1], np.nan, np.float32)
+    cpu.bias_act_backward_cpu(dy_cpu, y, activation, dpre_cpu, dbias_cpu)
+    np.testing.assert_allclose(dpre_cpu, dpre_ref, rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(dbias_cpu, dbias_ref, rtol=RTOL, atol=1e-5 * max(shape[0], 1) ** 0.5)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])
+def test_bias_act_saturates_cleanly_at_huge_inputs(activation):
+    h = np.array([[-1e4, -100.0, 100.0, 1e4]], np.float32)
+    h_ref = h.copy()
+    cpu.bias_act_cpu(h, np.zeros(4, np.float32), activation)
+    with np.errstate(over="ignore"):
+        bias_act_reference(h_ref, np.zeros(4, np.float32), activation)
+    np.testing.assert_allclose(h, h_ref, rtol=0, atol=1e-30)
+
+
+def test_unknown_activation_is_rejected():
+    h = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        cpu.bias_act_cpu(h, np.zeros(3, np.float32), "gelu")
+
+
+# -- the training step allocates nothing ----------------------------------------------------------
+
+
+def test_cpu_kernels_allocate_no_arrays_once_warm(rng):
+    import tracemalloc
+
+    n_rows, n_latent, n_pixels = 128, 20, 784
+    stats, eps = f32(rng, (n_rows, 2 * n_latent)), f32(rng, (n_rows, n_latent))
+    z, dstats = np.empty_like(eps), np.empty_like(stats)
+    logits, x, dlogits = f32(rng, (n_rows, n_pixels)), rng.random((n_rows, n_pixels), dtype=np.float32), \
+        np.empty((n_rows, n_pixels), np.float32)
+    out, dout = f32(rng, (n_rows, 2 * n_pixels)), np.empty((n_rows, 2 * n_pixels), np.float32)
+    params, grads = f32(rng, 100_000), f32(rng, 100_000)
+    m, v = np.zeros_like(params), np.zeros_like(params)
+    h, bias, dbias = f32(rng, (n_rows, 400)), f32(rng, 400), np.empty(400, np.float32)
+
+    def step():
+        cpu.reparameterize_kl_cpu(stats, eps, z)
+        cpu.reparameterize_kl_backward_cpu(stats, eps, z, 1.0, dstats)
+        cpu.bernoulli_nll_grad_cpu(logits, x, 0.01, dlogits)
+        cpu.gaussian_nll_grad_cpu(logits, x, 0.0, 0.01, dlogits)
+        cpu.gaussian_learned_nll_grad_cpu(out, x, 0.01, dout)
+        cpu.adam_step_cpu(params, grads, m, v, 1, 1e-3, weight_decay=0.01, clip_norm=1.0)
+        for activation in ACTIVATIONS:
+            cpu.bias_act_cpu(h, bias, "tanh")
+            cpu.bias_act_backward_cpu(h, h, activation, h, dbias)
+
+    step()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(3):
+            step()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - before < 16_384, f"{peak - before} bytes allocated at peak (the smallest array is 1600)"
+
+
+# -- argument checks ------------------------------------------------------------------------------
+
+
+def test_non_contiguous_wrong_dtype_and_wrong_shape_are_rejected():
+    a = np.zeros((4, 10), np.float32)
+    out = np.zeros((4, 10), np.float32)
+    with pytest.raises(ValueError, match="logits: .*not C-contiguous"):
+        cpu.bernoulli_nll_grad_cpu(np.zeros((4, 20), np.float32)[:, ::2], a, 1.0, out)
+    with pytest.raises(ValueError, match="x: .*not C-contiguous"):
+        cpu.bernoulli_nll_grad_cpu(a, np.asfortranarray(np.zeros((4, 10), np.float32)), 1.0, out)
+    with pytest.raises(ValueError, match="float32"):
+        cpu.bernoulli_nll_grad_cpu(a, a.astype(np.float64), 1.0, out)
+    with pytest.raises(ValueError, match=r"dlogits_out: expected shape \(4, 10\)"):
+        cpu.bernoulli_nll_grad_cpu(a, a, 1.0, np.zeros((4, 11), np.float32))
+    with pytest.raises(ValueError, match=r"stats: expected shape \(4, 10\)"):
+        cpu.reparameterize_kl_cpu(np.zeros((4, 9), np.float32), np.zeros((4, 5), np.float32),
+                                  np.zeros((4, 5), np.float32))
+    with pytest.raises(ValueError, match="grads"):
+        cpu.adam_step_cpu(np.zeros(8, np.float32), np.zeros(16, np.float32)[::2],
+                          np.zeros(8, np.float32), np.zeros(8, np.float32), 1, 1e-3)
+    with pytest.raises(ValueError, match="bias"):
+        cpu.bias_act_cpu(a, np.zeros(9, np.float32), "relu")
+
+
+# -- the references stay portable ---------------------------------------------------------------------
+
+
+def test_references_run_under_array_api_strict(rng):
+    xp = pytest.importorskip("array_api_strict")
+    logits, x = f32(rng, (3, 5)), rng.random((3, 5), dtype=np.float32)
+    d_np = np.empty_like(logits)
+    d_xp = xp.asarray(np.empty_like(logits))
+    expected = bernoulli_nll_grad_reference(logits, x, 0.5, d_np)
+    got = bernoulli_nll_grad_reference(xp.asarray(logits), xp.asarray(x), 0.5, d_xp)
+    np.testing.assert_allclose(float(got), float(expected), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(d_xp), d_np, rtol=1e-6)
+    stats, eps = f32(rng, (3, 4)), f32(rng, (3, 2))
+    z = xp.asarray(np.empty((3, 2), np.float32))
+    reparameterize_kl_reference(xp.asarray(stats), xp.asarray(eps), z)
+    reparameterize_kl_backward_reference(xp.asarray(stats), xp.asarray(eps), xp.asarray(eps), 1.0,
+                                         xp.asarray(np.empty_like(stats)))
+    gaussian_nll_grad_reference(xp.asarray(logits), xp.asarray(x), 0.1, 1.0, xp.asarray(d_np))
+    gaussian_learned_nll_grad_reference(xp.asarray(np.concatenate([logits, logits], 1)), xp.asarray(x), 1.0,
+                                        xp.asarray(np.empty((3, 10), np.float32)))
+    p = xp.asarray(f32(rng, 10))
+    adam_step_reference(p, xp.asarray(f32(rng, 10)), xp.asarray(np.zeros(10, np.float32)),
+                        xp.asarray(np.zeros(10, np.float32)), 1, 1e-3, weight_decay=0.1, clip_norm=1.0)
+    for activation in ACTIVATIONS:
+        h = xp.asarray(f32(rng, (3, 5)))
+        bias_act_reference(h, xp.asarray(f32(rng, 5)), activation)
+        bias_act_backward_reference(xp.asarray(f32(rng, (3, 5))), h, activation,
+                                    xp.asarray(np.empty((3, 5), np.float32)),
+                                    xp.asarray(np.empty(5, np.float32)))
+
+
+# -- the on-disk cache ----------------------------------------------------------------------------------
+
+
+def test_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
+    code = """
+import json, kernels.cpu as cpu
+cpu.warm_up()
+kernels = [getattr(cpu, n) for n in dir(cpu) if hasattr(getattr(cpu, n), 'stats')]
+stats = [k.stats for k in kernels if k.signatures]
+print(json.dumps([sum(s.cache_hits.values()) for s in stats] + [-sum(s.cache_misses.values()) for s in stats]))
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    runs = [subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True,
+                           text=True).stdout for _ in range(2)]
+    import json
+
+    first, second = (json.loads(r.strip().splitlines()[-1]) for r in runs)
+    half = len(first) // 2
+    assert sum(first[half:]) < 0, "the first run should compile"
+    assert all(m == 0 for m in second[half:]) and all(h > 0 for h in second[:half]), second
