@@ -81,8 +81,63 @@ def test_evaluate_json(trained, data, capsys):
     assert cli.main(["evaluate", "--checkpoint", str(trained / "model.npz"), "--data", str(data),
                      "--backend", "numpy", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["n"] == 40 and set(result) == {"test_loss", "recon_mse", "kl", "n"}
+    assert result["n"] == 40 and set(result) == {"test_loss", "recon_mse", "kl", "active_units", "nll_is",
+                                                 "iw_samples", "n"}
     assert 0 < result["recon_mse"] < 1 and result["kl"] >= 0
+    assert result["iw_samples"] == 1000 and 0 < result["nll_is"] < result["test_loss"]
+    assert 0 <= result["active_units"] <= 4
+
+
+def test_evaluate_text_binarized_and_without_importance_sampling(trained, data, capsys):
+    assert cli.main(["evaluate", "--checkpoint", str(trained / "model.npz"), "--data", str(data),
+                     "--backend", "numpy", "--iw-samples", "0", "--binarize"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "test split (binarized), 40 images: negative ELBO" in line and "active units" in line
+    assert "importance sampled" not in line
+
+
+def test_train_variants_run_and_are_recorded(data, tmp_path, capsys):
+    from vaecore import checkpoint
+
+    run = tmp_path / "iwae"
+    assert cli.main(["train", "--data", str(data), "--epochs", "1", "--limit", "64", "--out", str(run),
+                     "--iw-samples", "3", "--binarize", *SMALL]) == 0
+    assert "IWAE bound with K=3, binarized" in capsys.readouterr().out
+    config = checkpoint.load(run / "model.npz").train_config
+    assert config.iw_samples == 3 and config.binarize
+    run = tmp_path / "beta"
+    assert cli.main(["train", "--data", str(data), "--epochs", "2", "--limit", "64", "--out", str(run),
+                     "--beta", "4", "--kl-warmup", "2", "--activation", "tanh", *SMALL]) == 0
+    assert "tanh, beta 4, KL warm-up over 2 epochs" in capsys.readouterr().out
+    assert checkpoint.load(run / "model.npz").train_config.beta == 4.0
+
+
+def test_interpolate_and_traverse_write_pictures(trained, tmp_path, capsys):
+    for name, seed in (("a", 1), ("b", 2)):
+        Image.fromarray(striped_digits(1, seed=seed)[0, 0]).save(tmp_path / f"{name}.png")
+    assert cli.main(["interpolate", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--steps", "5",
+                     "--checkpoint", str(trained / "model.npz"), "--backend", "numpy", "--scale", "1",
+                     "--out", str(tmp_path / "line.png")]) == 0
+    assert Image.open(tmp_path / "line.png").size == (2 + 7 * 10, 2 + 10)        # A, 5 steps, B
+    assert f"wrote {tmp_path / 'line.png'}" in capsys.readouterr().out
+    assert cli.main(["traverse", "--dims", "0,3", "--steps", "4", "--checkpoint", str(trained / "model.npz"),
+                     "--backend", "numpy", "--scale", "1", "--out", str(tmp_path / "t.png")]) == 0
+    assert Image.open(tmp_path / "t.png").size == (2 + 4 * 10, 2 + 2 * 10)
+    assert cli.main(["traverse", "--dims", "4", "--checkpoint", str(trained / "model.npz"),
+                     "--backend", "numpy", "--out", str(tmp_path / "t.png")]) == 1
+    assert "latent dimension 4 does not exist" in capsys.readouterr().err
+
+
+def test_plot_writes_curves_and_the_latent_scatter(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    labelled = tmp_path / "labelled.npz"
+    x = striped_digits(40, seed=2)
+    np.savez(labelled, x_train=x, x_test=x, y_train=np.arange(40) % 2, y_test=np.arange(40) % 2)
+    assert cli.main(["plot", str(trained), "--data", str(labelled), "--backend", "numpy",
+                     "--out", str(tmp_path / "plots")]) == 0
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["latent_scatter.png", "loss_curves.png"]
+    assert cli.main(["plot", str(tmp_path), "--curves-only"]) == 1
+    assert "metrics.jsonl: no such file" in capsys.readouterr().err
 
 
 def test_checkpoint_from_numpy_loads_under_array_api_strict(trained):
@@ -107,6 +162,7 @@ def run_cli(*args):
     (["predict", "nowhere.png", "--checkpoint", "nowhere/model.npz"], 1, "no such checkpoint"),
     (["train", "--backend", "cupy", "--limit", "10"], 1, "--backend cupy"),
     (["train", "--batch-size", "0"], 2, "--batch-size"),
+    (["train", "--iw-samples", "5", "--beta", "2", "--limit", "10"], 1, "drop --beta and --kl-warmup"),
     (["train", "--lr", "-1"], 2, "--lr"),
     (["train", "--latent-dim", "0"], 2, "--latent-dim"),
     (["train", "--backend", "tpu"], 2, "--backend"),

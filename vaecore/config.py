@@ -52,6 +52,10 @@ class TrainConfig:
     clip_grad: float = 0.0             # global-norm clipping; 0 turns it off
     seed: int = 0
     limit: int = 0                     # first N training images; 0 means all
+    beta: float = 1.0                  # weight of the KL term (beta-VAE); 1 is the plain ELBO
+    kl_warmup: int = 0                 # epochs over which the KL weight ramps linearly from 0 to beta
+    iw_samples: int = 1                # K > 1 trains the importance-weighted bound (IWAE) instead of the ELBO
+    binarize: bool = False             # dynamic binarization of training batches, a fixed one of validation
 
     def validate(self):
         if self.epochs < 1:
@@ -64,6 +68,15 @@ class TrainConfig:
             raise VaecoreError("--clip-grad and --weight-decay must not be negative")
         if self.limit < 0:
             raise VaecoreError(f"--limit must not be negative, got {self.limit}")
+        if not self.beta > 0:
+            raise VaecoreError(f"--beta must be positive, got {self.beta}")
+        if self.kl_warmup < 0:
+            raise VaecoreError(f"--kl-warmup must not be negative, got {self.kl_warmup}")
+        if self.iw_samples < 1:
+            raise VaecoreError(f"--iw-samples must be at least 1, got {self.iw_samples}")
+        if self.iw_samples > 1 and (self.beta != 1.0 or self.kl_warmup):
+            raise VaecoreError("--iw-samples trains the importance-weighted bound, where a KL weight has no "
+                               "meaning; drop --beta and --kl-warmup, or use --iw-samples 1")
         return self
 
 

@@ -155,7 +155,7 @@ class VAE:
     # -- backward -----------------------------------------------------------------------------
     def backward(self, ws, kl_weight, grad_scale):
         """Fills ``self.grads`` from ws.dout, which ``loss`` left already scaled by ``grad_scale``."""
-        matmul, k = self.backend.matmul, self.backend.kernels
+        k = self.backend.kernels
         n_enc = self.n_encoder
         self._backprop_layers(self.decoder, ws.z, ws.acts[n_enc:], ws.deltas[n_enc:], ws.dz)
         k.reparameterize_kl_backward(ws.stats, ws.eps, ws.dz, kl_weight * grad_scale, ws.dstats)

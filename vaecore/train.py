@@ -8,18 +8,19 @@ completed epoch left off.
 
 import json
 import math
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint, images, inference
+from .binarize import TEST_SEED, binarize_fixed, binarize_into
 from .config import ModelConfig, TrainConfig
 from .errors import VaecoreError
 from .fileio import atomic_write_text
 from .checkpoint import EpochState
+from .iwae import ImportanceWeightedObjective
 from .model import VAE
 from .optim import Adam
 
@@ -76,6 +77,9 @@ class Trainer:
         self.x_train = x_train.reshape(len(x_train), -1)     # uint8 (N, D), stays on the host
         self.x_val = x_val.reshape(len(x_val), -1)
         self._host_batches = {}                              # uint8 gather buffers by batch size
+        self._binarize_scratch = {}                          # float32 scratch of binarize_into, by batch size
+        # K > 1: the importance-weighted bound replaces the ELBO (K = 1 would be the ELBO, done below)
+        self.objective = ImportanceWeightedObjective(model, config.iw_samples) if config.iw_samples > 1 else None
         if len(self.x_train) < config.batch_size:
             raise VaecoreError(f"the training set has {len(self.x_train)} images, fewer than one batch "
                                f"of {config.batch_size}; lower --batch-size or raise --limit")
@@ -86,17 +90,39 @@ class Trainer:
             buf = self._host_batches[n] = np.empty((n, self.x_train.shape[1]), dtype=np.uint8)
         return buf
 
-    def train_step(self, batch):
-        """One step on a uint8 (B, D) host batch: returns (rec_sum, kl_sum, grad_norm)."""
+    def _binarized(self, batch):
+        """The batch, binarized in place from the training RNG (saved in checkpoints, so resumable)."""
+        scratch = self._binarize_scratch.get(len(batch))
+        if scratch is None:
+            scratch = self._binarize_scratch[len(batch)] = np.empty(batch.shape, dtype=np.float32)
+        return binarize_into(batch, self.backend.rng, scratch)
+
+    def train_step(self, batch, kl_weight=1.0):
+        """One step on a uint8 (B, D) host batch: returns (rec_sum, kl_sum, grad_norm).
+
+        The gradient is that of ``rec + kl_weight * kl`` (beta, KL warm-up); the sums returned are
+        unweighted, so their total is the negative ELBO. With ``--iw-samples K > 1`` it is the
+        negative importance-weighted bound instead, returned as ``rec_sum`` with ``kl_sum`` 0.
+        """
         model, backend = self.model, self.backend
-        ws = model.workspace(len(batch))
+        scale = 1.0 / len(batch)                     # the loss is the mean over the batch
+        ws = (self.objective or model).workspace(len(batch))
         backend.images_into(ws.x, batch)
         backend.normal_into(ws.eps, ws.eps_host)
-        scale = 1.0 / len(batch)                     # the loss is the mean over the batch
-        rec, kl = model.loss(ws, grad_scale=scale)
-        model.backward(ws, kl_weight=1.0, grad_scale=scale)
+        if self.objective is not None:
+            rec, kl = self.objective.loss_and_backward(ws, grad_scale=scale), 0.0
+        else:
+            rec, kl = model.loss(ws, grad_scale=scale)
+            model.backward(ws, kl_weight=kl_weight, grad_scale=scale)
         grad_norm = self.optimizer.step(model.params, model.grads)
         return rec, kl, grad_norm
+
+    def kl_weight(self, epoch, step, steps):
+        """beta, ramped linearly from 0 over the first ``kl_warmup`` epochs, step by step."""
+        config = self.config
+        if config.kl_warmup <= 0:
+            return config.beta
+        return config.beta * min(1.0, (epoch - 1 + (step + 1) / steps) / config.kl_warmup)
 
     def start_epoch(self, epoch):
         return EpochState(epoch, self.backend.rng.permutation(len(self.x_train)))
@@ -119,7 +145,9 @@ class Trainer:
             idx = state.order[state.step * batch_size:(state.step + 1) * batch_size]
             batch = self._host_batch(len(idx))
             np.take(self.x_train, idx, axis=0, out=batch)
-            rec, kl, grad_norm = self.train_step(batch)
+            if self.config.binarize:
+                self._binarized(batch)
+            rec, kl, grad_norm = self.train_step(batch, self.kl_weight(state.epoch, state.step, steps))
             loss = float(rec) + float(kl)
             if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
                 raise TrainingDiverged(
@@ -214,11 +242,13 @@ def run_training(run_dir, model_config: ModelConfig, train_config: TrainConfig, 
             return records
         log(f"resuming {paths.checkpoint} " + (f"at epoch {state.epoch}, step {state.step}" if state
                                                else f"after epoch {completed}"))
-    trainer = Trainer(model, optimizer, train_config, dataset.x_train, dataset.x_test)
+    # --binarize: validation always scores the same binarization, so epochs and runs compare
+    x_val = binarize_fixed(dataset.x_test, TEST_SEED) if train_config.binarize else dataset.x_test
+    trainer = Trainer(model, optimizer, train_config, dataset.x_train, x_val)
     if state is not None and not np.array_equal(np.sort(state.order), np.arange(len(trainer.x_train))):
         raise VaecoreError(f"{paths.checkpoint} was interrupted on {len(state.order)} training images, "
                            f"the data now has {len(trainer.x_train)}")
-    panel = dataset.x_test[:PANEL_IMAGES] if len(dataset.x_test) else dataset.x_train[:PANEL_IMAGES]
+    panel = x_val[:PANEL_IMAGES] if len(x_val) else dataset.x_train[:PANEL_IMAGES]
 
     def save(epoch, epoch_state=None):
         return checkpoint.save(paths.checkpoint, model, optimizer, train_config, epoch,
