@@ -38,31 +38,9 @@ import math
 import numpy as np
 
 from .errors import VaecoreError
+from .model import backward_layers, forward_layers
 
 LOG_2PI = math.log(2.0 * math.pi)
-
-
-# -- layers --------------------------------------------------------------------------------------
-def forward_layers(backend, layers, h, outputs):
-    """``h`` through ``layers``, each output into its preallocated buffer; returns the last."""
-    for layer, out in zip(layers, outputs):
-        backend.matmul(h, layer.W, out)
-        backend.kernels.bias_act(out, layer.b, layer.activation)
-        h = out
-    return h
-
-
-def backward_layers(backend, layers, x, outputs, deltas, dx_out):
-    """Backward through a stack whose last delta is filled: writes every layer's dW and db, and
-    d(input) into ``dx_out`` unless it is None."""
-    for i in range(len(layers) - 1, -1, -1):
-        layer, delta = layers[i], deltas[i]
-        backend.kernels.bias_act_backward(delta, outputs[i], layer.activation, delta, layer.db)
-        inputs = x if i == 0 else outputs[i - 1]
-        backend.matmul(inputs.T, delta, layer.dW)
-        below = dx_out if i == 0 else deltas[i - 1]
-        if below is not None:
-            backend.matmul(delta, layer.W.T, below)
 
 
 # -- per-row log-likelihoods -----------------------------------------------------------------------

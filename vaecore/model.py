@@ -43,6 +43,28 @@ def layer_dims(config: ModelConfig):
     return layers, len(enc) - 1
 
 
+def forward_layers(backend, layers, h, outputs):
+    """``h`` through ``layers``, each output into its preallocated buffer; returns the last."""
+    for layer, out in zip(layers, outputs):
+        backend.matmul(h, layer.W, out)
+        backend.kernels.bias_act(out, layer.b, layer.activation)
+        h = out
+    return h
+
+
+def backward_layers(backend, layers, x, outputs, deltas, dx_out):
+    """Backward through a stack whose last delta is already filled: writes every layer's dW and db,
+    and d(input) into ``dx_out`` unless it is None (the encoder needs no gradient for the images)."""
+    for i in range(len(layers) - 1, -1, -1):
+        layer, delta = layers[i], deltas[i]
+        backend.kernels.bias_act_backward(delta, outputs[i], layer.activation, delta, layer.db)
+        inputs = x if i == 0 else outputs[i - 1]
+        backend.matmul(inputs.T, delta, layer.dW)
+        below = dx_out if i == 0 else deltas[i - 1]
+        if below is not None:
+            backend.matmul(delta, layer.W.T, below)
+
+
 def parameter_count(config: ModelConfig):
     return sum(n_in * n_out + n_out for n_in, n_out, _ in layer_dims(config)[0])
 
@@ -120,21 +142,13 @@ class VAE:
         return ws
 
     # -- forward ------------------------------------------------------------------------------
-    def _run_layers(self, h, layers, outputs):
-        matmul, bias_act = self.backend.matmul, self.backend.kernels.bias_act
-        for layer, out in zip(layers, outputs):
-            matmul(h, layer.W, out)
-            bias_act(out, layer.b, layer.activation)
-            h = out
-        return h
-
     def encode(self, ws):
         """ws.x (B, D) -> ws.stats (B, 2Z) = [mu | logvar]."""
-        return self._run_layers(ws.x, self.encoder, ws.acts[:self.n_encoder])
+        return forward_layers(self.backend, self.encoder, ws.x, ws.acts[:self.n_encoder])
 
     def decode(self, ws):
         """ws.z (B, Z) -> ws.out, the likelihood's parameters."""
-        return self._run_layers(ws.z, self.decoder, ws.acts[self.n_encoder:])
+        return forward_layers(self.backend, self.decoder, ws.z, ws.acts[self.n_encoder:])
 
     def reconstruction_nll(self, ws, grad_scale):
         """Summed -log p(x | z) of the batch; writes ``grad_scale * d/d(out)`` into ws.dout."""
@@ -157,21 +171,9 @@ class VAE:
         """Fills ``self.grads`` from ws.dout, which ``loss`` left already scaled by ``grad_scale``."""
         k = self.backend.kernels
         n_enc = self.n_encoder
-        self._backprop_layers(self.decoder, ws.z, ws.acts[n_enc:], ws.deltas[n_enc:], ws.dz)
+        backward_layers(self.backend, self.decoder, ws.z, ws.acts[n_enc:], ws.deltas[n_enc:], ws.dz)
         k.reparameterize_kl_backward(ws.stats, ws.eps, ws.dz, kl_weight * grad_scale, ws.dstats)
-        self._backprop_layers(self.encoder, ws.x, ws.acts[:n_enc], ws.deltas[:n_enc], None)
-
-    def _backprop_layers(self, layers, x, outputs, deltas, dx_out):
-        """Backward through a stack whose last delta is already filled; ``dx_out`` None skips dx."""
-        matmul, bias_act_backward = self.backend.matmul, self.backend.kernels.bias_act_backward
-        for i in range(len(layers) - 1, -1, -1):
-            layer, delta = layers[i], deltas[i]
-            bias_act_backward(delta, outputs[i], layer.activation, delta, layer.db)
-            inputs = x if i == 0 else outputs[i - 1]
-            matmul(inputs.T, delta, layer.dW)
-            below = dx_out if i == 0 else deltas[i - 1]
-            if below is not None:
-                matmul(delta, layer.W.T, below)
+        backward_layers(self.backend, self.encoder, ws.x, ws.acts[:n_enc], ws.deltas[:n_enc], None)
 
     # -- what users call ------------------------------------------------------------------------
     def mean_image(self, out):
