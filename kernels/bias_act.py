@@ -14,6 +14,14 @@ gradient ``dbias = sum_rows(dpre)``.
 ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid")
 
 
+def activation_code(activation):
+    """The position of ``activation`` in ``ACTIVATIONS``: the compiled kernels branch on this number."""
+    try:
+        return ACTIVATIONS.index(activation)
+    except ValueError:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}") from None
+
+
 def bias_act_reference(h, bias, activation):
     """In place: ``h[...] = act(h + bias)``; ``h`` is (B, N), ``bias`` is (N,)."""
     xp = h.__array_namespace__()

@@ -37,7 +37,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import config
-from .bias_act import ACTIVATIONS
+from .bias_act import ACTIVATIONS, activation_code
 from .likelihood import LOG_2PI
 
 # -- compile settings ---------------------------------------------------------------------------------
@@ -411,9 +411,6 @@ def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-
 
 # -- 4. bias + activation ------------------------------------------------------------------------------
 
-_ACTIVATION_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}   # identity relu tanh sigmoid
-
-
 @njit(**_JIT)
 def _bias_act(h, bias, code):
     n_rows, n_cols = h.shape
@@ -471,22 +468,15 @@ def _bias_act_backward(dy, y, code, dpre_out, dbias_out):
                 dbias_out[j] += d
 
 
-def _activation_code(activation):
-    code = _ACTIVATION_CODE.get(activation)
-    if code is None:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    return code
-
-
 def bias_act_cpu(h, bias, activation):
-    code = _activation_code(activation)
+    code = activation_code(activation)
     n_rows, n_cols = _check2d("h", h)
     _check("bias", bias, (n_cols,))
     _bias_act(h, bias, code)
 
 
 def bias_act_backward_cpu(dy, y, activation, dpre_out, dbias_out):
-    code = _activation_code(activation)
+    code = activation_code(activation)
     shape = _check2d("dy", dy)
     _check("y", y, shape)
     _check("dpre_out", dpre_out, shape)

@@ -26,7 +26,7 @@ import numpy as np
 from numba import cuda, float32, float64
 
 from . import config
-from .bias_act import ACTIVATIONS
+from .bias_act import activation_code
 from .likelihood import LOG_2PI
 
 # Shared-memory size of the block reduction: the hardware's maximum threads per block, so any launch
@@ -372,18 +372,8 @@ def adam_step_cuda(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e
     return norm_buf[1:].reshape(())
 
 
-_ACTIVATION_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}   # identity relu tanh sigmoid
-
-
-def _activation_code(activation):
-    code = _ACTIVATION_CODE.get(activation)
-    if code is None:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    return code
-
-
 def bias_act_cuda(h, bias, activation):
-    code = _activation_code(activation)
+    code = activation_code(activation)
     n_rows, n_cols = _check2d("h", h)
     _check("bias", bias, (n_cols,))
     if h.size:
@@ -392,7 +382,7 @@ def bias_act_cuda(h, bias, activation):
 
 
 def bias_act_backward_cuda(dy, y, activation, dpre_out, dbias_out):
-    code = _activation_code(activation)
+    code = activation_code(activation)
     n_rows, n_cols = _check2d("dy", dy)
     _check("y", y, dy.shape)
     _check("dpre_out", dpre_out, dy.shape)
