@@ -7,6 +7,7 @@ with a non-zero exit; anything else is a bug and keeps its traceback.
 
 import argparse
 import json
+import os
 import platform
 import signal
 import sys
@@ -531,10 +532,17 @@ def cmd_info(args):
     try:
         from threadpoolctl import threadpool_info
         for pool in threadpool_info():
-            log(f"BLAS: {pool.get('internal_api')} {pool.get('version')} ({pool.get('architecture')}), "
-                f"{pool.get('num_threads')} threads")
+            library = Path(pool.get("filepath", "")).name
+            if pool.get("user_api") == "blas":
+                log(f"BLAS: {pool.get('internal_api')} {pool.get('version')} ({pool.get('architecture')} kernels), "
+                    f"{pool.get('num_threads')} threads, {library}")
+            else:
+                log(f"{pool.get('user_api')}: {pool.get('internal_api')}, {pool.get('num_threads')} threads, {library}")
     except ImportError:
         pass
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        log(f"note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set, so OpenBLAS uses those kernels "
+            f"rather than the best ones for this CPU")
 
 
 def threading_layer():
