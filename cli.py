@@ -327,7 +327,11 @@ class StopOnSignal:
         return False
 
 
-def load_data(args, source, seed=0):
+def log_to_stderr(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_data(args, source, seed=0, log=log):
     from vaecore.data import load_dataset
 
     return load_dataset(source, seed=seed, image_size=args.image_size, channels=args.channels,
@@ -430,9 +434,10 @@ def cmd_evaluate(args):
     from vaecore.evaluation import evaluate_all
     from vaecore.train import load_model
 
-    backend = make_backend(args.backend, log=log if not args.json else None)
+    say = log_to_stderr if args.json else log        # stdout carries the JSON line alone
+    backend = make_backend(args.backend, log=say)
     model, ckpt = load_model(args.checkpoint, backend)
-    dataset = load_data(args, args.data or ckpt.train_config.data, seed=ckpt.train_config.seed)
+    dataset = load_data(args, args.data or ckpt.train_config.data, seed=ckpt.train_config.seed, log=say)
     require_image_shape(model.config, dataset)
     binarize = ckpt.train_config.binarize if args.binarize is None else args.binarize
     result = evaluate_all(model, dataset.x_test, seed=args.seed, iw_samples=args.iw_samples, binarize=binarize,

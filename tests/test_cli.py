@@ -80,7 +80,9 @@ def test_sample_writes_a_grid(trained, tmp_path, capsys):
 def test_evaluate_json(trained, data, capsys):
     assert cli.main(["evaluate", "--checkpoint", str(trained / "model.npz"), "--data", str(data),
                      "--backend", "numpy", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1                       # nothing but the JSON line on stdout
+    result = json.loads(out)
     assert result["n"] == 40 and set(result) == {"test_loss", "recon_mse", "kl", "active_units", "nll_is",
                                                  "iw_samples", "n"}
     assert 0 < result["recon_mse"] < 1 and result["kl"] >= 0
