@@ -362,15 +362,15 @@ def cmd_train(args):
             train_config = replace(train_config, epochs=args.epochs)
         source = train_config.data
     else:
-        if RunPaths(args.out).checkpoint.exists() and not args.overwrite:
-            raise VaecoreError(f"{RunPaths(args.out).checkpoint} already exists; continue it with --resume, "
-                               f"replace it with --overwrite, or choose another --out")
         preset_model, preset_train = PRESETS[args.preset]
         train_config = TrainConfig(data=args.data, **{**preset_train, **{k: v for k, v in train_flags.items() if v is not None}})
         model_config = None
         source = args.data
     train_config.validate()
     backend = make_backend(args.backend, seed=train_config.seed, log=log)
+    if not args.resume and RunPaths(args.out).checkpoint.exists() and not args.overwrite:
+        raise VaecoreError(f"{RunPaths(args.out).checkpoint} already exists; continue it with --resume, "
+                           f"replace it with --overwrite, or choose another --out")
     dataset = load_data(args, source, seed=train_config.seed)
     if train_config.limit:
         dataset = dataset.take(train_config.limit)

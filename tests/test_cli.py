@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -156,8 +157,10 @@ def test_checkpoint_from_numpy_loads_under_array_api_strict(trained):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    """``python cli.py ARGS`` from an empty folder, so the default ``runs/vae`` is nobody's real run."""
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
+                              cwd=cwd, timeout=120)
 
 
 @pytest.mark.parametrize("args, code, message", [
