@@ -7,7 +7,7 @@ import pytest
 
 from engine_helpers import striped_digits
 from vaecore.backend import make_backend
-from vaecore.binarize import binarize_fixed, binarize_into
+from vaecore.binarize import DynamicBinarizer, binarize_fixed
 from vaecore.config import ModelConfig, TrainConfig
 from vaecore.errors import VaecoreError
 from vaecore.evaluation import active_units, evaluate_all, importance_sampled_nll, posterior_mean_variance
@@ -173,9 +173,8 @@ def test_fixed_binarization_mean_matches_the_grey_level():
 def test_dynamic_binarization_is_in_place_and_follows_the_rng():
     batch = grey_levels(4)[:16].reshape(16, -1).copy()
     original = batch.copy()
-    scratch = np.empty(batch.shape, dtype=np.float32)
     rng = np.random.default_rng(11)
-    result = binarize_into(batch, rng, scratch)
+    result = DynamicBinarizer()(batch, rng)
     assert result is batch and set(np.unique(batch)) <= {0, 255}
     # exactly batch.size float32 uniforms were drawn, and the same state gives the same draw
     check = np.random.default_rng(11)
@@ -188,7 +187,7 @@ def test_dynamic_binarization_is_in_place_and_follows_the_rng():
 def test_dynamic_binarization_matches_fixed_for_the_same_stream():
     images = grey_levels(10)
     batch = images.reshape(len(images), -1).copy()
-    binarize_into(batch, np.random.default_rng(3), np.empty(batch.shape, dtype=np.float32))
+    DynamicBinarizer()(batch, np.random.default_rng(3))
     np.testing.assert_array_equal(batch, binarize_fixed(images, seed=3).reshape(len(images), -1))
 
 
@@ -196,28 +195,22 @@ def test_dynamic_binarization_allocates_nothing():
     import tracemalloc
 
     batch = grey_levels(50)[:128].reshape(128, -1).copy()
-    scratch = np.empty(batch.shape, dtype=np.float32)
-    rng = np.random.default_rng(0)
-    binarize_into(batch, rng, scratch)
+    binarize, rng = DynamicBinarizer(), np.random.default_rng(0)
+    binarize(batch, rng)
     tracemalloc.start()
     try:
         before, _ = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         for _ in range(5):
-            binarize_into(batch, rng, scratch)
+            binarize(batch, rng)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak - before < 2048, f"binarize_into allocated {peak - before} bytes"
+    assert peak - before < 2048, f"the binarizer allocated {peak - before} bytes"
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 9])
 def test_dynamic_binarization_of_tiny_batches(n):
     batch = np.full(n, 200, dtype=np.uint8)
-    binarize_into(batch, np.random.default_rng(0), np.empty(n, dtype=np.float32))
+    DynamicBinarizer()(batch, np.random.default_rng(0))
     assert set(np.unique(batch)) <= {0, 255}
-
-
-def test_dynamic_binarization_checks_its_scratch():
-    with pytest.raises(ValueError, match="float32"):
-        binarize_into(np.zeros(10, np.uint8), np.random.default_rng(0), np.empty(10, np.float64))

@@ -53,15 +53,18 @@ def test_array_api_strict_device_refuses_silent_numpy_conversion():
         np.asarray(backend.zeros((2, 2)))
 
 
-def test_resume_gives_identical_weights(tmp_path):
-    straight = make_trainer("numpy")
+@pytest.mark.parametrize("variant", [{}, {"binarize": True, "beta": 2.0, "kl_warmup": 2},
+                                     {"binarize": True, "iw_samples": 3}])
+def test_resume_gives_identical_weights(tmp_path, variant):
+    config = TrainConfig(batch_size=16, lr=3e-3, **variant)
+    straight = make_trainer("numpy", config)
     for epoch in (1, 2, 3):
         straight.train_epoch(epoch)
 
-    first = make_trainer("numpy")
+    first = make_trainer("numpy", config)
     first.train_epoch(1)
     checkpoint.save(tmp_path / "model.npz", first.model, first.optimizer, first.config, epoch=1)
-    resumed = make_trainer("numpy")
+    resumed = make_trainer("numpy", config)
     restore(resumed.model, resumed.optimizer, checkpoint.load(tmp_path / "model.npz"))
     for epoch in (2, 3):
         resumed.train_epoch(epoch)

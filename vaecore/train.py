@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, images, inference
-from .binarize import TEST_SEED, binarize_fixed, binarize_into
+from .binarize import TEST_SEED, DynamicBinarizer, binarize_fixed
 from .config import ModelConfig, TrainConfig
 from .errors import VaecoreError
 from .fileio import atomic_write_text
@@ -77,7 +77,7 @@ class Trainer:
         self.x_train = x_train.reshape(len(x_train), -1)     # uint8 (N, D), stays on the host
         self.x_val = x_val.reshape(len(x_val), -1)
         self._host_batches = {}                              # uint8 gather buffers by batch size
-        self._binarize_scratch = {}                          # float32 scratch of binarize_into, by batch size
+        self._binarize = DynamicBinarizer()
         # K > 1: the importance-weighted bound replaces the ELBO (K = 1 would be the ELBO, done below)
         self.objective = ImportanceWeightedObjective(model, config.iw_samples) if config.iw_samples > 1 else None
         if len(self.x_train) < config.batch_size:
@@ -89,13 +89,6 @@ class Trainer:
         if buf is None:
             buf = self._host_batches[n] = np.empty((n, self.x_train.shape[1]), dtype=np.uint8)
         return buf
-
-    def _binarized(self, batch):
-        """The batch, binarized in place from the training RNG (saved in checkpoints, so resumable)."""
-        scratch = self._binarize_scratch.get(len(batch))
-        if scratch is None:
-            scratch = self._binarize_scratch[len(batch)] = np.empty(batch.shape, dtype=np.float32)
-        return binarize_into(batch, self.backend.rng, scratch)
 
     def train_step(self, batch, kl_weight=1.0):
         """One step on a uint8 (B, D) host batch: returns (rec_sum, kl_sum, grad_norm).
@@ -146,7 +139,7 @@ class Trainer:
             batch = self._host_batch(len(idx))
             np.take(self.x_train, idx, axis=0, out=batch)
             if self.config.binarize:
-                self._binarized(batch)
+                self._binarize(batch, self.backend.rng)   # the training stream: resumable
             rec, kl, grad_norm = self.train_step(batch, self.kl_weight(state.epoch, state.step, steps))
             loss = float(rec) + float(kl)
             if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
