@@ -62,6 +62,15 @@ def dimensions(text):
     return values
 
 
+def bench_configs(text):
+    from vaecore.benchmark.configs import CONFIGS, parse_config_names
+
+    try:
+        return parse_config_names(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}; expected names from {', '.join(CONFIGS)} separated by commas") from None
+
+
 def widths(text):
     try:
         values = tuple(int(part) for part in text.split(","))
@@ -245,6 +254,32 @@ def build_parser():
     commands.add_parser("info", help="versions, usable backends, threading, GPU",
                         description="Print versions, which backends work on this machine, Numba's threading "
                         "layer and the GPU if any.")
+
+    from vaecore.benchmark.configs import CONFIGS
+
+    b = commands.add_parser("bench", help="time the training step against PyTorch and JAX",
+                            description="Time one full training step (forward, backward, Adam; float32) of the "
+                            "benchmark configurations with vaecore, with the same network in PyTorch (eager, "
+                            "torch.optim.Adam) and in JAX (one jax.jit step including Adam) when they are installed, "
+                            "and with the step's matmuls alone (np.matmul on the step's own shapes: this machine's "
+                            "matmul ceiling). Prints the CPU, cores and the BLAS kernel NumPy runs, then per "
+                            "configuration: steps per second of each, ours over the faster reference (with the "
+                            "target), and the share of the matmul ceiling ours reaches. Implementations are timed in "
+                            "interleaved rounds and medians are shown; keep the machine otherwise idle. PyTorch and "
+                            "JAX are optional and never vaecore dependencies: pip install torch==2.13.0 / pip install "
+                            "jax. On machines that set OPENBLAS_CORETYPE, run it as "
+                            "'env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python cli.py bench'. The full suite "
+                            "with pytest-benchmark: pytest benchmarks/test_step_bench.py --benchmark-only.",
+                            epilog="configurations (input-hidden-latent, batch): " + "; ".join(
+                                f"{c.name}: {c.describe()}" for c in CONFIGS.values()))
+    b.add_argument("--configs", type=bench_configs, default=tuple(CONFIGS), metavar="NAME[,NAME...]",
+                   help=f"configurations to time, comma-separated (default: all: {','.join(CONFIGS)})")
+    b.add_argument("--seconds", type=positive_float, default=2.0, metavar="S",
+                   help="timed seconds per implementation and configuration (default 2; the whole run takes "
+                        "about 5 S + 4 seconds per configuration); longer gives steadier medians")
+    b.add_argument("--backend", choices=BACKENDS, default="numpy",
+                   help="where our step runs: numpy (CPU; default, the claim is about the CPU), cupy (NVIDIA GPU, "
+                        "against the same CPU references) or auto (CuPy when a GPU answers, else NumPy)")
 
     d = commands.add_parser("data", help="fetch or inspect data sets", description="Fetch or inspect data sets.")
     data_commands = d.add_subparsers(dest="data_command", required=True, metavar="ACTION", parser_class=OneLineParser)
@@ -567,6 +602,12 @@ def threading_layer():
         return f"unavailable ({e})"
 
 
+def cmd_bench(args):
+    from vaecore.benchmark.report import run_bench
+
+    run_bench(args.configs, seconds=args.seconds, backend=args.backend, log=log)
+
+
 def cmd_data(args):
     from vaecore.data import describe, fetch, load_dataset
 
@@ -580,7 +621,7 @@ def cmd_data(args):
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "sample": cmd_sample, "evaluate": cmd_evaluate,
             "interpolate": cmd_interpolate, "traverse": cmd_traverse, "plot": cmd_plot, "info": cmd_info,
-            "data": cmd_data}
+            "bench": cmd_bench, "data": cmd_data}
 
 
 def main(argv=None):

@@ -219,3 +219,14 @@ def test_a_new_run_never_replaces_a_model_silently(data, trained):
     result = run_cli("train", "--data", str(data), "--epochs", "1", "--out", str(trained), *SMALL)
     assert result.returncode == 1 and "--resume" in result.stderr and "--overwrite" in result.stderr
     assert (trained / "model.npz").read_bytes() == before
+
+
+def test_bench_prints_a_table_for_one_configuration():
+    result = run_cli("bench", "--configs", "seed-b4", "--seconds", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert "seed-b4" in result.stdout and "ours" in result.stdout
+
+
+def test_bench_refuses_an_unknown_configuration():
+    result = run_cli("bench", "--configs", "huge-b9")
+    assert result.returncode == 2 and "huge-b9" in result.stderr
