@@ -46,6 +46,10 @@ from .likelihood import LOG_2PI
 # 'reassoc' (it would fold the two-constant range reduction in _exp32). error_model='numpy' drops the
 # ZeroDivisionError check that otherwise keeps every loop with a division scalar.
 _JIT = dict(cache=True, fastmath={"contract"}, error_model="numpy", nogil=True)
+# Adam's update is bound by its per-element square root and division; 'arcp' and 'afn' let LLVM use
+# the reciprocal and square-root estimates refined by a Newton step (a few ulp, within the tolerances the
+# tests hold every kernel to). NaN and Inf still flow: no 'nnan' or 'ninf'.
+_JIT_ADAM = dict(_JIT, fastmath={"contract", "arcp", "afn"})
 # A parallel (prange) version exists only for Adam, and is off unless kernels.config.CPU_PARALLEL_ADAM
 # (read at call time): alone it is ~1.8x faster on two cores, but next to OpenBLAS's threads in a
 # training step it loses badly; kernels/config.py has the measurements. The activation-sized kernels
@@ -334,7 +338,7 @@ def _sum_squares(a):
     return acc
 
 
-@njit(**_JIT)
+@njit(**_JIT_ADAM)
 def _adam_serial(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay):
     """Updates every element; returns the sum of squares of the gradients it read (pre-clip)."""
     # float32 constants, as NumPy applies Python floats to float32 arrays in the reference
