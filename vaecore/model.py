@@ -97,19 +97,20 @@ class VAE:
         self.n_params = parameter_count(config)
         self.params = backend.zeros((self.n_params,))
         self.grads = backend.zeros((self.n_params,))
-        self.layers = []
-        offset = 0
-        for n_in, n_out, act in specs:
-            views = []
-            for flat in (self.params, self.grads):
-                w = backend.xp.reshape(flat[offset:offset + n_in * n_out], (n_in, n_out))
-                b = flat[offset + n_in * n_out:offset + n_in * n_out + n_out]
-                views += [w, b]
-            offset += n_in * n_out + n_out
-            self.layers.append(Dense(views[0], views[1], views[2], views[3], act))
         self._layer_specs = specs
+        self.layers = [Dense(w, b, dw, db, act) for (w, b), (dw, db), (_, _, act)
+                       in zip(self.layer_views(self.params), self.layer_views(self.grads), specs)]
         self._workspaces = {}
         self.initialize(init_seed)
+
+    def layer_views(self, flat):
+        """(W, b) views of every layer into ``flat``, a buffer laid out like ``params``."""
+        views, offset = [], 0
+        for n_in, n_out, _ in self._layer_specs:
+            w = self.backend.xp.reshape(flat[offset:offset + n_in * n_out], (n_in, n_out))
+            views.append((w, flat[offset + n_in * n_out:offset + n_in * n_out + n_out]))
+            offset += n_in * n_out + n_out
+        return views
 
     def initialize(self, seed):
         """PyTorch's ``nn.Linear`` default, U(-1/sqrt(n_in), 1/sqrt(n_in)), drawn on the host.
