@@ -100,10 +100,11 @@ def build_parser():
                        help="mnist, fashion-mnist, a folder of IDX files, a folder of images (one sub-folder "
                             "per class, or flat), or an .npz with x_train [x_test y_train y_test]"
                             + (f" (default: {default})" if default else " (default: the data the model was trained on)"))
-        p.add_argument("--image-size", type=positive_int, default=28, metavar="PX",
-                       help="side length image folders are resized to (default 28)")
-        p.add_argument("--channels", type=int, choices=(1, 3), default=1,
-                       help="1 for grayscale (default) or 3 for RGB, for image folders")
+        if default:   # a trained model decides its own image size and channels
+            p.add_argument("--image-size", type=positive_int, default=28, metavar="PX",
+                           help="side length image folders are resized to (default 28)")
+            p.add_argument("--channels", type=int, choices=(1, 3), default=1,
+                           help="1 for grayscale (default) or 3 for RGB, for image folders")
         p.add_argument("--skip-bad", action="store_true", help="skip unreadable images in an image folder "
                        "instead of stopping")
 
@@ -366,10 +367,13 @@ def log_to_stderr(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def load_data(args, source, seed=0, log=log):
+def load_data(args, source, seed=0, log=log, image_shape=None):
+    """The data set ``source``; image folders are read at ``image_shape`` (C, H, W) when a model
+    already fixes it, else at the --image-size and --channels flags."""
     from vaecore.data import load_dataset
 
-    return load_dataset(source, seed=seed, image_size=args.image_size, channels=args.channels,
+    channels, image_size = (image_shape[0], image_shape[1]) if image_shape else (args.channels, args.image_size)
+    return load_dataset(source, seed=seed, image_size=image_size, channels=channels,
                         skip_bad=getattr(args, "skip_bad", False), log=log)
 
 
@@ -406,7 +410,7 @@ def cmd_train(args):
     if not args.resume and RunPaths(args.out).checkpoint.exists() and not args.overwrite:
         raise VaecoreError(f"{RunPaths(args.out).checkpoint} already exists; continue it with --resume, "
                            f"replace it with --overwrite, or choose another --out")
-    dataset = load_data(args, source, seed=train_config.seed)
+    dataset = load_data(args, source, seed=train_config.seed, image_shape=model_config and model_config.image_shape)
     if train_config.limit:
         dataset = dataset.take(train_config.limit)
     if model_config is None:
@@ -472,7 +476,8 @@ def cmd_evaluate(args):
     say = log_to_stderr if args.json else log        # stdout carries the JSON line alone
     backend = make_backend(args.backend, log=say)
     model, ckpt = load_model(args.checkpoint, backend)
-    dataset = load_data(args, args.data or ckpt.train_config.data, seed=ckpt.train_config.seed, log=say)
+    dataset = load_data(args, args.data or ckpt.train_config.data, seed=ckpt.train_config.seed, log=say,
+                        image_shape=model.config.image_shape)
     require_image_shape(model.config, dataset)
     binarize = ckpt.train_config.binarize if args.binarize is None else args.binarize
     result = evaluate_all(model, dataset.x_test, seed=args.seed, iw_samples=args.iw_samples, binarize=binarize,
@@ -538,7 +543,8 @@ def cmd_plot(args):
     if not args.curves_only and paths.checkpoint.exists():
         backend = make_backend(args.backend, log=log)
         model, ckpt = load_model(paths.checkpoint, backend)
-        dataset = load_data(args, args.data or ckpt.train_config.data, seed=ckpt.train_config.seed)
+        dataset = load_data(args, args.data or ckpt.train_config.data, seed=ckpt.train_config.seed,
+                            image_shape=model.config.image_shape)
         require_image_shape(model.config, dataset)
     for path in plot_run(args.run, model=model, dataset=dataset, out_dir=args.out, log=log):
         log(f"wrote {path}")

@@ -230,3 +230,21 @@ def test_bench_prints_a_table_for_one_configuration():
 def test_bench_refuses_an_unknown_configuration():
     result = run_cli("bench", "--configs", "huge-b9")
     assert result.returncode == 2 and "huge-b9" in result.stderr
+
+
+def test_an_image_folder_run_resumes_and_evaluates_at_its_own_size(tmp_path):
+    """--image-size and --channels are given once, to train; the model remembers them."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "pictures" / label).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(tmp_path / "pictures" / label / f"{i}.png")
+    run = tmp_path / "run"
+    common = ["--out", str(run), "--backend", "numpy"]
+    assert cli.main(["train", "--data", str(tmp_path / "pictures"), "--image-size", "12", "--channels", "3",
+                     "--epochs", "1", "--batch-size", "8", "--hidden", "16", "--latent-dim", "2", *common]) == 0
+    assert cli.main(["train", "--resume", "--epochs", "2", *common]) == 0
+    assert cli.main(["evaluate", "--checkpoint", str(run / "model.npz"), "--iw-samples", "5",
+                     "--backend", "numpy", "--json"]) == 0
+    from vaecore import checkpoint
+    assert checkpoint.load(run / "model.npz").epoch == 2
