@@ -439,7 +439,7 @@ def _bias_act(h, bias, code):
 
 
 @njit(**_JIT)
-def _bias_act_backward(dy, y, code, dpre_out, dbias_out):
+def _bias_act_backward(dy, y, code, dpre_out, dbias_out, in_place):
     n_rows, n_cols = dy.shape
     for j in range(n_cols):
         dbias_out[j] = _f(0.0)
@@ -448,8 +448,9 @@ def _bias_act_backward(dy, y, code, dpre_out, dbias_out):
     # on half of them), then that finished row added into the bias sum.
     for i in range(n_rows):
         if code == 0:
-            for j in range(n_cols):
-                dpre_out[i, j] = dy[i, j]
+            if not in_place:                  # identity in place: dpre is dy already
+                for j in range(n_cols):
+                    dpre_out[i, j] = dy[i, j]
         elif code == 1:
             for j in range(n_cols):
                 d = dy[i, j]                  # loaded unconditionally, so the select vectorises
@@ -479,7 +480,7 @@ def bias_act_backward_cpu(dy, y, activation, dpre_out, dbias_out):
     _check("y", y, shape)
     _check("dpre_out", dpre_out, shape)
     _check("dbias_out", dbias_out, (shape[1],))
-    _bias_act_backward(dy, y, code, dpre_out, dbias_out)
+    _bias_act_backward(dy, y, code, dpre_out, dbias_out, dpre_out is dy)
 
 
 def warm_up():
