@@ -38,9 +38,10 @@ def test_light_on_dark_is_left_alone(tmp_path):
     assert image[0, 0, 0] == 0 and image.max() > 200
 
 
-def test_transparent_background_reads_as_paper(tmp_path):
+@pytest.mark.parametrize("ink", [0, 255])          # black or white strokes on a clear background
+def test_strokes_on_transparency_stay_visible(tmp_path, ink):
     rgba = np.zeros((40, 40, 4), dtype=np.uint8)
-    rgba[10:30, 18:22] = (0, 0, 0, 255)                               # opaque black stroke, clear elsewhere
+    rgba[10:30, 18:22] = (ink, ink, ink, 255)                         # opaque stroke, clear elsewhere
     Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
     image = images.read_image(tmp_path / "t.png", (1, 28, 28))
     assert image[0, 0, 0] == 0 and image.max() > 200
@@ -88,11 +89,3 @@ def test_save_png_replaces_atomically(tmp_path):
     images.save_png(Image.new("L", (4, 4)), target)
     assert Image.open(target).size == (4, 4)
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
-
-
-def test_light_strokes_on_transparency_stay_visible(tmp_path):
-    rgba = np.zeros((40, 40, 4), dtype=np.uint8)
-    rgba[10:30, 18:22] = (255, 255, 255, 255)                         # opaque white stroke, clear elsewhere
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
-    image = images.read_image(tmp_path / "t.png", (1, 28, 28))
-    assert image[0, 0, 0] == 0 and image.max() > 200

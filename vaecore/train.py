@@ -141,11 +141,11 @@ class Trainer:
             if self.config.binarize:
                 self._binarize(batch, self.backend.rng)   # the training stream: resumable
             rec, kl, grad_norm = self.train_step(batch, self.kl_weight(state.epoch, state.step, steps))
-            loss = float(rec) + float(kl)
-            if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+            loss, grad_norm = float(rec) + float(kl), float(grad_norm)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingDiverged(
                     f"training diverged at epoch {state.epoch}, step {state.step + 1}: the loss or gradient "
-                    f"became {'NaN' if math.isnan(loss) or math.isnan(float(grad_norm)) else 'infinite'}; "
+                    f"became {'NaN' if math.isnan(loss) or math.isnan(grad_norm) else 'infinite'}; "
                     f"try a lower --lr (now {self.config.lr:g}) or --clip-grad")
             state.step += 1
             state.loss_sum += loss

@@ -40,21 +40,6 @@ class MatmulCeiling:
 
     __call__ = step
 
-    def per_shape(self, seconds=0.5, measure=None):
-        """[(MatmulShape, median seconds)] timing each shape alone for about ``seconds`` in all."""
-        from .timing import measure_each
-
-        def one(a, b, c):
-            def run():
-                self.xp.matmul(a, b, out=c)
-                if self.synchronize is not None:
-                    self.synchronize()
-            return run
-
-        timings = (measure or measure_each)({s.label: one(*ops) for s, ops in zip(self.shapes, self.operands)},
-                                            seconds)
-        return [(s, timings[s.label].median) for s in self.shapes]
-
     def gflops(self, seconds_per_step):
         return self.flops / seconds_per_step / 1e9
 
