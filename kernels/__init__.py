@@ -18,6 +18,7 @@ from .likelihood import (
     gaussian_learned_nll_grad_reference,
     gaussian_nll_grad_reference,
 )
+from .matmul import matmul_reference
 from .reparam_kl import reparameterize_kl_backward_reference, reparameterize_kl_reference
 
 
@@ -30,6 +31,7 @@ class KernelTable:
     gaussian_nll_grad: Callable          # (mean, x, logvar: float, grad_scale, dmean_out) -> nll_sum
     gaussian_learned_nll_grad: Callable  # (out, x, grad_scale, dout_out) -> nll_sum
     adam_step: Callable                  # (params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, clip_norm) -> grad_norm
+    matmul: Callable                     # (a, b, out) -> None, out[...] = a @ b
     bias_act: Callable                   # (h, bias, activation) -> None, in place
     bias_act_backward: Callable          # (dy, y, activation, dpre_out, dbias_out) -> None
 
@@ -42,6 +44,7 @@ REFERENCE = KernelTable(
     gaussian_nll_grad=gaussian_nll_grad_reference,
     gaussian_learned_nll_grad=gaussian_learned_nll_grad_reference,
     adam_step=adam_step_reference,
+    matmul=matmul_reference,
     bias_act=bias_act_reference,
     bias_act_backward=bias_act_backward_reference,
 )

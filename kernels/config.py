@@ -6,8 +6,6 @@ Compile-time choices (fast-math flags, which CPU kernels are parallel) live at t
 ``kernels/cpu.py`` because Numba's on-disk cache only notices edits to the file that defines a kernel.
 """
 
-import os
-
 # -- CUDA launches ---------------------------------------------------------------------------------
 # Threads per block: a power of two, at most 1024 (the block reductions are tree reductions in shared
 # memory sized for 1024 threads).
@@ -18,26 +16,36 @@ CUDA_MAX_BLOCKS = 1024
 # Rows of the batch that one thread folds into a bias-gradient column before its atomic add.
 CUDA_BIAS_ROWS_PER_THREAD = 32
 
-# -- CPU threading ---------------------------------------------------------------------------------
-# Every CPU kernel runs serially by default. Measured on the project's 2-core machine (AMD EPYC, Numba
-# 0.68, NumPy 2.4 with OpenBLAS 0.3.31 at its default 2 threads). Numba's threading layer there is
-# 'omp' (GNU libgomp; TBB is not installed), or 'workqueue' when NUMBA_THREADING_LAYER asks for it.
+# -- CPU matmuls and threading ---------------------------------------------------------------------
+# A matmul whose batch side has at most this many rows runs in the small-batch kernels of
+# kernels/matmul.py instead of BLAS. Measured per layer of the seed network (784-400-200) against
+# OpenBLAS 0.3.31 (2 threads) on the project's 2-core machine, batch 4: forward 18 us vs 38-46 us,
+# data gradient 15-32 us vs 43-83 us; at batch 8 the forward still wins (36 vs 44 us) but the weight
+# gradient is level; by batch 16 BLAS wins every shape.
+CPU_SMALL_BATCH = 8
+
+# Adam and the small-batch matmuls spread over Numba's threads only while OpenBLAS's are idle: when
+# nothing has called BLAS through kernels.cpu.matmul_cpu for this many seconds. After a call OpenBLAS's
+# workers spin for about 0.1 s (measured: a step that followed one straight away ran 10x slower with a
+# parallel Adam), so a training step at a batch of at most CPU_SMALL_BATCH, which calls no BLAS, gets
+# both cores from its second step on, and one at a larger batch never does.
+CPU_BLAS_SPIN_SECONDS = 0.25
 #
-#   Adam alone, 869k params:         serial 0.60 ms    parallel 0.34 ms
-#   Bernoulli alone, 128 x 784:      serial 49 us      parallel 27 us
-#   a step (per layer a forward and a weight-gradient matmul, then Adam), median per step:
-#     seed-b4 (869k params)          serial Adam 0.6-1.4 ms   parallel, omp 12-13 ms   workqueue 1.2 ms
-#     wide-b512 (3.9M params)        serial Adam 24-26 ms     parallel, omp 41-42 ms   workqueue 25 ms
-#     OPENBLAS_NUM_THREADS=1 and parallel Adam (omp): seed-b4 0.62 ms, wide-b512 37 ms
+# Measured on the project's 2-core machine (AMD EPYC, Numba 0.68, NumPy 2.4 with OpenBLAS 0.3.31 at its
+# default 2 threads). Numba's threading layer there is 'omp' (GNU libgomp; TBB is not installed), or
+# 'workqueue' when NUMBA_THREADING_LAYER asks for it; only omp and tbb are used in parallel (the
+# workqueue layer's sleeping threads made a parallel Adam slower than a serial one even alone).
 #
-# Next to OpenBLAS's two threads, which keep spinning for a while after each matmul, Numba's OpenMP
-# workers make the step 10x slower; the non-spinning workqueue layer still loses to the serial kernel,
-# and taking OpenBLAS's second thread away costs the matmuls of the wide network more than a parallel
-# Adam gains. So: serial kernels, OpenBLAS keeps both cores, and the engine needs to do nothing about
-# threading (no numba.set_num_threads, no thread-count environment variables). Turn this on
-# (VAECORE_PARALLEL_ADAM=1) only where BLAS is held to fewer threads than there are cores; the pool
-# then has numba.get_num_threads() threads, which numba.set_num_threads() lowers.
-CPU_PARALLEL_ADAM = os.environ.get("VAECORE_PARALLEL_ADAM", "0") == "1"
+#   Adam alone, 869k params:         serial 0.12-0.17 ms   omp 0.085 ms   workqueue 0.18 ms
+#   small-batch matmul, batch 4:     784x400 weight gradient 36 us serial, 19 us omp; data gradient 28 / 16 us
+#   a step with BLAS matmuls, then Adam, serial vs parallel Adam (median per step):
+#     seed-b4 (869k params)          omp, default spin  0.48 ms vs 8.0 ms
+#                                    omp, OMP_WAIT_POLICY=passive  0.48 vs 0.49 ms;  workqueue 0.48 vs 0.52 ms
+#     example-b128 (653k params)     omp 1.36 ms vs 8.0 ms;  workqueue 1.36 vs 1.46 ms
+#     wide-b512 (3.9M params)        omp 28.8 ms vs 35.5-37.2 ms;  workqueue 28.4 vs 28.7 ms
+#
+# The engine itself does nothing about threading (no numba.set_num_threads, no thread-count environment
+# variables). The pool has numba.get_num_threads() threads, which numba.set_num_threads() lowers.
 
 
 def cpu_threads():

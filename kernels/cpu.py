@@ -30,6 +30,7 @@ flag read from another module would leave stale machine code behind.
 """
 
 import math
+import time
 
 import numpy as np
 from llvmlite import ir
@@ -50,13 +51,15 @@ _JIT = dict(cache=True, fastmath={"contract"}, error_model="numpy", nogil=True)
 # the reciprocal and square-root estimates refined by a Newton step (a few ulp, within the tolerances the
 # tests hold every kernel to). NaN and Inf still flow: no 'nnan' or 'ninf'.
 _JIT_ADAM = dict(_JIT, fastmath={"contract", "arcp", "afn"})
-# A parallel (prange) version exists only for Adam, and is off unless kernels.config.CPU_PARALLEL_ADAM
-# (read at call time): alone it is ~1.8x faster on two cores, but next to OpenBLAS's threads in a
-# training step it loses badly; kernels/config.py has the measurements. The activation-sized kernels
-# take tens of microseconds serially, too little to pay for a thread hand-off.
+# Adam and the small-batch weight gradient also have parallel (prange) versions, used only while OpenBLAS's
+# threads are idle (see ``_cores_free`` and kernels/config.py: next to OpenBLAS's spinning threads a
+# parallel Numba pool made steps 10x slower). The activation-sized kernels take tens of microseconds
+# serially, too little to pay for a thread hand-off.
 _JIT_PARALLEL = dict(_JIT, parallel=True)
-# Below this many parameters the serial Adam is used even when parallel is enabled.
+# Below this many parameters Adam runs serially even when the cores are free.
 ADAM_PARALLEL_MIN = 1 << 18
+# Below this many multiply-adds a small-batch matmul runs serially even when the cores are free.
+MATMUL_PARALLEL_MIN = 1 << 17
 
 _F32 = np.dtype(np.float32)
 _f = np.float32
@@ -329,12 +332,50 @@ def gaussian_learned_nll_grad_cpu(out, x, grad_scale, dout_out):
 # -- 3. Adam over one flat buffer ------------------------------------------------------------------
 
 
+# Sums of squares run in float32 SIMD lanes over blocks of _SUM_BLOCK elements, each block's total then
+# added in float64: a float64 accumulator halves the vector width and made Adam 2x slower, while a
+# block of 4096 float32 terms loses nothing a gradient norm needs. Like the reference (which sums in
+# float32 too), a gradient element above ~1.8e19 makes the norm Inf.
+_SUM_BLOCK = 4096
+# Adam's moments decay geometrically wherever a gradient stays exactly zero (a dead ReLU unit, an MNIST
+# border pixel that is always 0): m reaches float32's subnormal range after ~850 steps, and arithmetic
+# on subnormals is microcoded -- it made the whole update 1.6x slower in a seed-b4 run. Moments below
+# the smallest normal float32 are therefore stored as 0 (what a flush-to-zero CPU mode would do); their
+# effect on a parameter is below 1e-30.
+_TINY = np.float32(np.finfo(np.float32).tiny)
+
+
+@njit(**_JIT)
+def _sum_squares_block(a):
+    acc = _f(0.0)
+    for i in range(a.size):
+        acc = _radd(acc, a[i] * a[i])
+    return acc
+
+
 @njit(**_JIT)
 def _sum_squares(a):
-    acc = 0.0
-    for i in range(a.size):
-        v = np.float64(a[i])
-        acc = _radd(acc, v * v)
+    total = 0.0
+    for lo in range(0, a.size, _SUM_BLOCK):      # blocks are slices: from-0 indices keep the loop vectorised
+        total += _sum_squares_block(a[lo:lo + _SUM_BLOCK])
+    return total
+
+
+@njit(**_JIT_ADAM)
+def _adam_block(params, grads, m, v, b1, b2, m_scale, v_scale, lr_t, root, eps32, wd):
+    zero = _f(0.0)
+    acc = zero
+    for i in range(params.size):
+        g = grads[i]
+        acc = _radd(acc, g * g)
+        m_i = b1 * m[i] + m_scale * g
+        v_i = b2 * v[i] + v_scale * (g * g)
+        m_i = m_i if abs(m_i) >= _TINY else zero
+        v_i = v_i if v_i >= _TINY else zero
+        m[i] = m_i
+        v[i] = v_i
+        p = params[i]
+        params[i] = p - lr_t * m_i / (math.sqrt(v_i) / root + eps32) - wd * p
     return acc
 
 
@@ -344,38 +385,26 @@ def _adam_serial(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr
     # float32 constants, as NumPy applies Python floats to float32 arrays in the reference
     b1, b2, m_scale, v_scale = _f(beta1), _f(beta2), _f(c1), _f(c2)
     lr_t, root, eps32, wd = _f(step_size), _f(root_corr), _f(eps), _f(decay)
-    acc = 0.0
-    for i in range(params.size):         # from 0: indices known non-negative, so the loop vectorises
-        g = grads[i]
-        g64 = np.float64(g)
-        acc = _radd(acc, g64 * g64)
-        m_i = b1 * m[i] + m_scale * g
-        v_i = b2 * v[i] + v_scale * (g * g)
-        m[i] = m_i
-        v[i] = v_i
-        p = params[i]
-        params[i] = p - lr_t * m_i / (math.sqrt(v_i) / root + eps32) - wd * p
-    return acc
+    total = 0.0
+    for lo in range(0, params.size, _SUM_BLOCK):
+        hi = lo + _SUM_BLOCK
+        total += _adam_block(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], b1, b2, m_scale, v_scale,
+                             lr_t, root, eps32, wd)
+    return total
 
 
 @njit(**_JIT_PARALLEL)
 def _adam_parallel(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, n_chunks):
+    """Chunks of whole _SUM_BLOCK blocks, so every element is updated by the same instructions as in
+    _adam_serial: the result does not depend on whether the cores were free."""
     n = params.size
+    n_blocks = (n + _SUM_BLOCK - 1) // _SUM_BLOCK
     acc = 0.0
     for c in prange(n_chunks):
-        lo = c * n // n_chunks
-        hi = (c + 1) * n // n_chunks
+        lo = c * n_blocks // n_chunks * _SUM_BLOCK
+        hi = min((c + 1) * n_blocks // n_chunks * _SUM_BLOCK, n)
         acc += _adam_serial(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], beta1, beta2, c1, c2,
                             step_size, root_corr, eps, decay)
-    return acc
-
-
-@njit(**_JIT_PARALLEL)
-def _sum_squares_parallel(a, n_chunks):
-    n = a.size
-    acc = 0.0
-    for c in prange(n_chunks):
-        acc += _sum_squares(a[c * n // n_chunks:(c + 1) * n // n_chunks])
     return acc
 
 
@@ -383,22 +412,23 @@ def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-
                   weight_decay=0.0, clip_norm=0.0):
     """One pass over the buffers (two when clipping: the norm must be known first).
 
-    The update runs in float32 with the reference's constants; the norm is accumulated in float64, so
-    it is a little more accurate than the reference's and finite for any finite gradient.
+    The update runs in float32 with the reference's constants, flushing subnormal moments to zero
+    (see ``_TINY``); the norm is summed in float32 blocks added in float64 (see ``_SUM_BLOCK``).
+    Over every core while OpenBLAS's threads are idle (``_cores_free``), else serial.
     """
     shape = params.shape if isinstance(params, np.ndarray) and params.ndim == 1 else (-1,)
     _check("params", params, shape)
     _check("grads", grads, shape)
     _check("m", m, shape)
     _check("v", v, shape)
-    parallel = config.CPU_PARALLEL_ADAM and params.size >= ADAM_PARALLEL_MIN
+    parallel = params.size >= ADAM_PARALLEL_MIN and _cores_free()
     n_chunks = 8 * config.cpu_threads() if parallel else 1
     b1, b2 = float(beta1), float(beta2)
     step_size = lr / (1.0 - b1 ** step)
     root_corr = math.sqrt(1.0 - b2 ** step)
     decay = lr * weight_decay
     if clip_norm > 0:
-        sq = _sum_squares_parallel(grads, n_chunks) if parallel else _sum_squares(grads)
+        sq = _sum_squares(grads)      # serially even when the update is not: the clip scale stays exact
         norm = math.sqrt(sq)
         ratio = clip_norm / (norm + 1e-6)
         scale = ratio if ratio < 1.0 else 1.0      # a NaN norm leaves scale at 1, as min(1, nan) does
@@ -483,6 +513,180 @@ def bias_act_backward_cpu(dy, y, activation, dpre_out, dbias_out):
     _bias_act_backward(dy, y, code, dpre_out, dbias_out, dpre_out is dy)
 
 
+# -- 5. matmul with a small batch on one side -----------------------------------------------------------
+# Each kernel takes the batch four rows at a time so that one load of a row of W feeds four rows of the
+# batch, and handles the last B % 4 rows one at a time (never padding with zero rows: 0 * Inf would
+# turn an Inf into a NaN that the BLAS product does not have).
+
+
+@njit(**_JIT)
+def _rows_times(x, W, out, lo, hi):
+    """out[:, lo:hi] = x @ W[:, lo:hi]: rows of W added into four output rows at once, four rows of W
+    per pass. Rows are sliced to the column range (1-D slices keep unit stride, so loops vectorise)."""
+    n_rows, n_in = x.shape
+    n_out = hi - lo
+    for r in range(n_rows):
+        o = out[r, lo:hi]
+        for j in range(n_out):
+            o[j] = _f(0.0)
+    r = 0
+    while r < n_rows:
+        if r + 4 <= n_rows:
+            y0, y1, y2, y3 = out[r, lo:hi], out[r + 1, lo:hi], out[r + 2, lo:hi], out[r + 3, lo:hi]
+            x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+            i = 0
+            while i + 4 <= n_in:
+                w0, w1, w2, w3 = W[i, lo:hi], W[i + 1, lo:hi], W[i + 2, lo:hi], W[i + 3, lo:hi]
+                a00, a01, a02, a03 = x0[i], x0[i + 1], x0[i + 2], x0[i + 3]
+                a10, a11, a12, a13 = x1[i], x1[i + 1], x1[i + 2], x1[i + 3]
+                a20, a21, a22, a23 = x2[i], x2[i + 1], x2[i + 2], x2[i + 3]
+                a30, a31, a32, a33 = x3[i], x3[i + 1], x3[i + 2], x3[i + 3]
+                for j in range(n_out):
+                    c0, c1, c2, c3 = w0[j], w1[j], w2[j], w3[j]
+                    y0[j] += a00 * c0 + a01 * c1 + a02 * c2 + a03 * c3
+                    y1[j] += a10 * c0 + a11 * c1 + a12 * c2 + a13 * c3
+                    y2[j] += a20 * c0 + a21 * c1 + a22 * c2 + a23 * c3
+                    y3[j] += a30 * c0 + a31 * c1 + a32 * c2 + a33 * c3
+                i += 4
+            for i in range(i, n_in):
+                w0 = W[i, lo:hi]
+                a0, a1, a2, a3 = x0[i], x1[i], x2[i], x3[i]
+                for j in range(n_out):
+                    c0 = w0[j]
+                    y0[j] += a0 * c0
+                    y1[j] += a1 * c0
+                    y2[j] += a2 * c0
+                    y3[j] += a3 * c0
+            r += 4
+        else:
+            y0, x0 = out[r, lo:hi], x[r]
+            i = 0
+            while i + 4 <= n_in:
+                w0, w1, w2, w3 = W[i, lo:hi], W[i + 1, lo:hi], W[i + 2, lo:hi], W[i + 3, lo:hi]
+                a0, a1, a2, a3 = x0[i], x0[i + 1], x0[i + 2], x0[i + 3]
+                for j in range(n_out):
+                    y0[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
+                i += 4
+            for i in range(i, n_in):
+                w0, a0 = W[i, lo:hi], x0[i]
+                for j in range(n_out):
+                    y0[j] += a0 * w0[j]
+            r += 1
+
+
+@njit(**_JIT)
+def _rank_update(x, d, out, lo, hi):
+    """out[lo:hi] = (x.T @ d)[lo:hi]: row i of out is the sum over the batch of x[r, i] * d[r]."""
+    n_rows = x.shape[0]
+    n_out = d.shape[1]
+    for i in range(lo, hi):
+        o = out[i]
+        for j in range(n_out):
+            o[j] = _f(0.0)
+        r = 0
+        while r + 4 <= n_rows:
+            a0, a1, a2, a3 = x[r, i], x[r + 1, i], x[r + 2, i], x[r + 3, i]
+            e0, e1, e2, e3 = d[r], d[r + 1], d[r + 2], d[r + 3]
+            for j in range(n_out):
+                o[j] += a0 * e0[j] + a1 * e1[j] + a2 * e2[j] + a3 * e3[j]
+            r += 4
+        for r in range(r, n_rows):
+            a0, e0 = x[r, i], d[r]
+            for j in range(n_out):
+                o[j] += a0 * e0[j]
+
+
+@njit(**_JIT)
+def _dots(d, W, out, lo, hi):
+    """out[:, lo:hi] = (d @ W.T)[:, lo:hi]: out[r, i] is the dot product of d[r] with row i of W
+    (summed reassociably)."""
+    n_rows, n_out = d.shape
+    r = 0
+    while r < n_rows:
+        if r + 4 <= n_rows:
+            e0, e1, e2, e3 = d[r], d[r + 1], d[r + 2], d[r + 3]
+            for i in range(lo, hi):
+                w = W[i]
+                s0 = s1 = s2 = s3 = _f(0.0)
+                for j in range(n_out):
+                    c = w[j]
+                    s0 = _radd(s0, e0[j] * c)
+                    s1 = _radd(s1, e1[j] * c)
+                    s2 = _radd(s2, e2[j] * c)
+                    s3 = _radd(s3, e3[j] * c)
+                out[r, i], out[r + 1, i], out[r + 2, i], out[r + 3, i] = s0, s1, s2, s3
+            r += 4
+        else:
+            e0 = d[r]
+            for i in range(lo, hi):
+                w = W[i]
+                s0 = _f(0.0)
+                for j in range(n_out):
+                    s0 = _radd(s0, e0[j] * w[j])
+                out[r, i] = s0
+            r += 1
+
+
+# Results must not depend on whether the cores were free (a resumed run repeats the original bit for
+# bit), so only the weight gradient runs in parallel: each thread takes a range of rows and every element
+# is the same chain of multiply-adds either way. The data gradient's dot products are reassociable sums
+# whose order LLVM picks per compiled function; a parallel version measured 1.8x faster alone but gave
+# different last bits, and the forward split by columns was slower than serial.
+@njit(**_JIT_PARALLEL)
+def _rank_update_parallel(x, d, out, n_chunks):
+    n_in = x.shape[1]
+    for c in prange(n_chunks):
+        _rank_update(x, d, out, c * n_in // n_chunks, (c + 1) * n_in // n_chunks)
+
+
+def _f32_matrix(a):
+    return isinstance(a, np.ndarray) and a.ndim == 2 and a.dtype == _F32
+
+
+def matmul_cpu(a, b, out):
+    """``out[...] = a @ b``; the small-batch kernels above when one operand is a batch of at most
+    ``config.CPU_SMALL_BATCH`` rows in the engine's layouts, NumPy's matmul (BLAS) otherwise."""
+    if (_f32_matrix(a) and _f32_matrix(b) and _f32_matrix(out) and out.flags.c_contiguous and out.size
+            and a.shape[1] == b.shape[0] and a.shape[1] and out.shape == (a.shape[0], b.shape[1])
+            and not np.may_share_memory(out, a) and not np.may_share_memory(out, b)):
+        small = config.CPU_SMALL_BATCH
+        if a.flags.c_contiguous and a.shape[0] <= small:
+            if b.flags.c_contiguous:                                  # x @ W
+                return _rows_times(a, b, out, 0, b.shape[1])
+            if b.flags.f_contiguous:                                  # delta @ W.T
+                return _dots(a, b.T, out, 0, b.shape[1])
+        if a.flags.f_contiguous and a.shape[1] <= small and b.flags.c_contiguous:   # x.T @ delta
+            if out.size * a.shape[1] >= MATMUL_PARALLEL_MIN and _cores_free():
+                return _rank_update_parallel(a.T, b, out, config.cpu_threads())
+            return _rank_update(a.T, b, out, 0, a.shape[0])
+    _BLAS_CALLED[0] = time.perf_counter()
+    np.matmul(a, b, out=out)
+
+
+# -- who has the cores ------------------------------------------------------------------------------
+_BLAS_CALLED = [-math.inf]     # perf_counter() of this module's last BLAS call
+_POOL = []                     # [whether Numba's pool keeps its threads ready], once known
+
+
+def _cores_free():
+    """Whether Numba's pool may take every core now: OpenBLAS has not been called through
+    ``matmul_cpu`` for ``config.CPU_BLAS_SPIN_SECONDS`` (so its threads have stopped spinning), and the
+    pool keeps its threads ready."""
+    return time.perf_counter() - _BLAS_CALLED[0] >= config.CPU_BLAS_SPIN_SECONDS and _pool_is_fast()
+
+
+def _pool_is_fast():
+    """More than one thread, and a layer that keeps them ready: OpenMP or TBB. The workqueue layer
+    wakes its sleeping threads too slowly to pay for a ~100 us kernel (see kernels/config.py)."""
+    if not _POOL:
+        import numba
+
+        p = np.zeros(64, np.float32)
+        _adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, 0.0, 2)   # starts the pool
+        _POOL.append(numba.get_num_threads() > 1 and numba.threading_layer() in ("omp", "tbb"))
+    return _POOL[0]
+
+
 def warm_up():
     """Compiles (or loads from the on-disk cache) every CPU kernel for the engine's argument types."""
     rng = np.random.default_rng(0)
@@ -500,9 +704,10 @@ def warm_up():
     p = np.zeros(16, np.float32)
     adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3)
     adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3, clip_norm=1.0)
-    if config.CPU_PARALLEL_ADAM:
-        p = np.zeros(ADAM_PARALLEL_MIN, np.float32)
-        adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3, clip_norm=1.0)
+    x, w = np.ones((5, 4), np.float32), np.ones((4, 3), np.float32)
+    matmul_cpu(x, w, np.empty((5, 3), np.float32))
+    matmul_cpu(x.T, np.ones((5, 3), np.float32), np.empty((4, 3), np.float32))
+    matmul_cpu(np.ones((5, 3), np.float32), w.T, np.empty((5, 4), np.float32))
 
 
 __all__ = [
@@ -512,6 +717,7 @@ __all__ = [
     "bias_act_cpu",
     "gaussian_learned_nll_grad_cpu",
     "gaussian_nll_grad_cpu",
+    "matmul_cpu",
     "reparameterize_kl_backward_cpu",
     "reparameterize_kl_cpu",
     "warm_up",

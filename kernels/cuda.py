@@ -372,6 +372,11 @@ def adam_step_cuda(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e
     return norm_buf[1:].reshape(())
 
 
+def matmul_cuda(a, b, out):
+    """cuBLAS through CuPy (NumPy's matmul under the simulator)."""
+    _namespace(out).matmul(a, b, out=out)
+
+
 def bias_act_cuda(h, bias, activation):
     code = activation_code(activation)
     n_rows, n_cols = _check2d("h", h)
@@ -402,6 +407,7 @@ def bias_act_backward_cuda(dy, y, activation, dpre_out, dbias_out):
 __all__ = [
     "KERNEL_SIGNATURES",
     "adam_step_cuda",
+    "matmul_cuda",
     "bernoulli_nll_grad_cuda",
     "bias_act_backward_cuda",
     "bias_act_cuda",

@@ -295,18 +295,43 @@ def test_adam_does_not_modify_the_gradients(rng):
 
 
 def test_parallel_adam_matches_serial(rng, monkeypatch):
-    from kernels import config
-
     n = cpu.ADAM_PARALLEL_MIN + 12345
     params, grads = f32(rng, n), f32(rng, n, 0.1)
     serial = [params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
     parallel = [params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    monkeypatch.setattr(cpu, "_cores_free", lambda: False)
     norm_serial = cpu.adam_step_cpu(serial[0], grads, *serial[1:], 1, 1e-3, clip_norm=1.0)
-    monkeypatch.setattr(config, "CPU_PARALLEL_ADAM", True)
+    monkeypatch.setattr(cpu, "_cores_free", lambda: True)
     norm_parallel = cpu.adam_step_cpu(parallel[0], grads, *parallel[1:], 1, 1e-3, clip_norm=1.0)
-    assert norm_parallel == pytest.approx(norm_serial, rel=1e-12)
+    assert norm_parallel == norm_serial                          # clipping's norm is always serial
     for a, b in zip(parallel, serial):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, b)                       # so a resumed run repeats bit for bit
+
+
+def test_adam_flushes_subnormal_moments_to_zero():
+    """Where the gradient stays 0, m decays by beta1 per step into float32's subnormal range, where
+    arithmetic is slow; the CPU kernel stores 0 instead, and keeps every normal value as the reference."""
+    tiny = np.finfo(np.float32).tiny
+    m = np.array([1.1 * tiny, 0.5 * tiny, 1e-3, -1.05 * tiny], np.float32)    # 0.9 m is subnormal
+    v = np.array([1.0005 * tiny, 1e-6, 1e-6, 0.5 * tiny], np.float32)         # 0.999 v is subnormal
+    params, grads = np.ones(4, np.float32), np.zeros(4, np.float32)
+    ref = [params.copy(), m.copy(), v.copy()]
+    cpu.adam_step_cpu(params, grads, m, v, 5, 1e-3)
+    adam_step_reference(ref[0], grads, ref[1], ref[2], 5, 1e-3)
+    assert np.all(ref[1][[0, 1, 3]] != 0) and np.all(m[[0, 1, 3]] == 0)      # subnormal in the reference
+    assert v[0] == 0 and v[3] == 0 and ref[2][0] != 0
+    np.testing.assert_allclose(m[2], ref[1][2], rtol=RTOL)
+    np.testing.assert_allclose(v[1:3], ref[2][1:3], rtol=RTOL)
+    np.testing.assert_allclose(params, ref[0], rtol=RTOL)                  # the flushed terms moved nothing
+
+
+def test_adam_norm_sums_many_blocks_accurately(rng):
+    n = 7 * cpu._SUM_BLOCK + 123
+    grads = f32(rng, n)
+    z = np.zeros(n, np.float32)
+    exact = math.sqrt(float(np.sum(grads.astype(np.float64) ** 2)))
+    assert cpu.adam_step_cpu(z.copy(), grads, z.copy(), z.copy(), 1, 1e-3) == pytest.approx(exact, rel=1e-6)
+    assert cpu.adam_step_cpu(z.copy(), grads, z.copy(), z.copy(), 1, 1e-3, clip_norm=1.0) == pytest.approx(exact, rel=1e-6)
 
 
 # -- 4. bias + activation ---------------------------------------------------------------------------
@@ -467,6 +492,74 @@ print(json.dumps([sum(s.cache_hits.values()) for s in stats] + [-sum(s.cache_mis
     import json
 
     first, second = (json.loads(r.strip().splitlines()[-1]) for r in runs)
-    half = len(first) // 2
-    assert sum(first[half:]) < 0, "the first run should compile"
+    assert sum(first[len(first) // 2:]) < 0, "the first run should compile"
+    # helpers inlined into a cached kernel (the Adam block, say) are not listed when loaded from disk
+    half = len(second) // 2
     assert all(m == 0 for m in second[half:]) and all(h > 0 for h in second[:half]), second
+
+
+# -- 5. matmul with a small batch on one side ------------------------------------------------------
+# The three products of a training step, with the batch of B rows: forward x @ W, weight gradient
+# x.T @ delta, data gradient delta @ W.T. Batches around the kernels' 4-row blocks and the threshold.
+MATMUL_BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 128]
+
+
+def _products(rng, batch, n_in, n_out, scale=1.0):
+    x, w, d = f32(rng, (batch, n_in), scale), f32(rng, (n_in, n_out)), f32(rng, (batch, n_out))
+    return [(x, w, (batch, n_out)), (x.T, d, (n_in, n_out)), (d, w.T, (batch, n_in))]
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("batch", MATMUL_BATCHES)
+@pytest.mark.parametrize("n_in,n_out", [(784, 400), (400, 40), (3, 5), (1, 9)])
+def test_matmul_matches_reference(rng, monkeypatch, parallel, batch, n_in, n_out):
+    monkeypatch.setattr(cpu, "_cores_free", lambda: parallel)
+    for a, b, shape in _products(rng, batch, n_in, n_out):
+        out, ref, serial = (np.full(shape, np.nan, np.float32) for _ in range(3))
+        cpu.matmul_cpu(a, b, out)
+        kernels.REFERENCE.matmul(a, b, ref)
+        # float32 sums over up to 784 terms in different orders: atol scaled by sqrt(terms)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * math.sqrt(a.shape[1]))
+        monkeypatch.setattr(cpu, "_cores_free", lambda: False)
+        cpu.matmul_cpu(a, b, serial)
+        np.testing.assert_array_equal(out, serial)                # free cores or not, the same bits
+
+
+@pytest.mark.parametrize("batch", [1, 4, 6])
+def test_matmul_small_batch_keeps_inf_and_nan_where_blas_does(rng, batch):
+    """The kernels never pad a block with zero rows: 0 * Inf would put NaN where the product has Inf."""
+    for a, b, shape in _products(rng, batch, 9, 5):
+        a = a.copy(order="K")
+        a.flat[0], a.flat[-1] = np.inf, np.nan
+        out, ref = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        cpu.matmul_cpu(a, b, out)
+        np.matmul(a, b, out=ref)
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+        np.testing.assert_array_equal(np.isinf(out), np.isinf(ref))
+
+
+def test_matmul_outside_the_small_kernels_goes_to_numpy(rng):
+    """float64, a large batch, an output that overlaps an input, B = 0: NumPy's answer, unchanged."""
+    x64 = rng.standard_normal((4, 6))
+    w64 = rng.standard_normal((6, 3))
+    out64 = np.empty((4, 3))
+    cpu.matmul_cpu(x64, w64, out64)
+    np.testing.assert_allclose(out64, x64 @ w64)
+    square = f32(rng, (4, 4))
+    expected = square @ square
+    cpu.matmul_cpu(square, square.copy(), square)                 # out is the left operand itself
+    np.testing.assert_allclose(square, expected, rtol=1e-6)
+    empty = np.full((5, 3), np.nan, np.float32)
+    cpu.matmul_cpu(np.ones((0, 5), np.float32).T, np.ones((0, 3), np.float32), empty)
+    np.testing.assert_array_equal(empty, 0)
+
+
+def test_a_blas_call_keeps_the_parallel_kernels_off_until_its_threads_rest(rng, monkeypatch):
+    """After a matmul goes to OpenBLAS, whose threads then spin for a while, the Numba kernels stay
+    serial for kernels.config.CPU_BLAS_SPIN_SECONDS."""
+    from kernels import config
+
+    cpu.matmul_cpu(f32(rng, (64, 32)), f32(rng, (32, 16)), np.empty((64, 16), np.float32))   # BLAS
+    assert not cpu._cores_free()
+    monkeypatch.setattr(config, "CPU_BLAS_SPIN_SECONDS", 0.0)
+    assert cpu._cores_free() == cpu._pool_is_fast()

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+import kernels
+
 from engine_helpers import striped_digits
 from vaecore import checkpoint
 from vaecore.backend import make_backend
@@ -118,17 +120,32 @@ def test_checkpoint_round_trip_keeps_configs_and_arrays(tmp_path):
     np.testing.assert_array_equal(loaded.arrays["adam_v"], trainer.optimizer.v)
 
 
-def test_warm_training_step_allocates_no_arrays():
+@pytest.mark.parametrize("batch_size", [4, 16])
+def test_cpu_kernels_train_as_the_reference_kernels(batch_size):
+    """Batch 4 runs every matmul in the small-batch kernels (and Adam on every core once BLAS rests);
+    batch 16 goes through BLAS. Either way two epochs land where the reference kernels do."""
+    config = TrainConfig(batch_size=batch_size, lr=3e-3)
+    fast, reference = make_trainer("numpy", config), make_trainer("numpy", config)
+    reference.backend.kernels = kernels.REFERENCE
+    for epoch in (1, 2):
+        assert fast.train_epoch(epoch) == pytest.approx(reference.train_epoch(epoch), rel=1e-4)
+    np.testing.assert_allclose(fast.model.params, reference.model.params, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [4, 16])
+def test_warm_training_step_allocates_no_arrays(batch_size):
     """After the first step of a batch size, a step allocates nothing NumPy can see.
 
-    tracemalloc traces NumPy's data allocations; one activation buffer of this model is 16 x 32 x 4
-    = 2 KiB, so a peak below 1 KiB means no array was made (Python's own small objects remain).
+    tracemalloc traces NumPy's data allocations; a hidden activation buffer of this model is at least
+    4 x 128 x 4 = 2 KiB, so a peak below 1 KiB means no such array was made (Python's own small objects
+    remain).
     """
     import tracemalloc
 
-    trainer = make_trainer("numpy")
+    wider = ModelConfig(image_shape=(1, 8, 8), hidden=(128,), latent_dim=4)
+    trainer = make_trainer("numpy", TrainConfig(batch_size=batch_size, lr=3e-3), model_config=wider)
     assert trainer.backend.kernels.name == "cpu"      # the reference kernels allocate temporaries by design
-    batch = trainer.x_train[:16].copy()
+    batch = trainer.x_train[:batch_size].copy()
     for _ in range(3):
         trainer.train_step(batch)
     tracemalloc.start()

@@ -71,11 +71,9 @@ class Backend:
 
     # -- operations the array libraries spell differently ----------------------------------
     def matmul(self, a, b, out):
-        """``out[...] = a @ b`` without allocating where the library allows it."""
-        if self.name == "array_api_strict":
-            out[...] = a @ b
-        else:
-            self.xp.matmul(a, b, out=out)
+        """``out[...] = a @ b`` without allocating where the library allows it (the kernel table's
+        matmul: BLAS, cuBLAS, or the CPU's own kernels for a small batch)."""
+        self.kernels.matmul(a, b, out)
 
     def normal_into(self, out, host_buffer, rng=None):
         """Fills ``out`` with N(0, 1) noise drawn on the host (into ``host_buffer``, same shape).

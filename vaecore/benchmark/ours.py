@@ -48,8 +48,8 @@ class OurStep:
 
 
 def threads_note():
-    """How our step uses the cores: BLAS threads for the matmuls, serial (or parallel) Numba kernels."""
+    """How our step uses the cores (the policy is in ``kernels/config.py``)."""
     import kernels.config
 
-    adam = "parallel" if kernels.config.CPU_PARALLEL_ADAM else "serial"
-    return f"matmuls on BLAS's threads, Numba kernels serial (Adam {adam})"
+    return (f"matmuls of more than {kernels.config.CPU_SMALL_BATCH} rows on BLAS's threads; smaller ones in "
+            f"Numba kernels, which with Adam take Numba's {kernels.config.cpu_threads()} threads while BLAS is idle")
