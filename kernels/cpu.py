@@ -51,15 +51,18 @@ _JIT = dict(cache=True, fastmath={"contract"}, error_model="numpy", nogil=True)
 # the reciprocal and square-root estimates refined by a Newton step (a few ulp, within the tolerances the
 # tests hold every kernel to). NaN and Inf still flow: no 'nnan' or 'ninf'.
 _JIT_ADAM = dict(_JIT, fastmath={"contract", "arcp", "afn"})
-# Adam and the small-batch weight gradient also have parallel (prange) versions, used only while OpenBLAS's
-# threads are idle (see ``_cores_free`` and kernels/config.py: next to OpenBLAS's spinning threads a
-# parallel Numba pool made steps 10x slower). The activation-sized kernels take tens of microseconds
+# Adam and the small-batch gradient matmuls also have parallel (prange) versions, which take every core
+# only while OpenBLAS's threads are idle (see ``_pooled`` and kernels/config.py: next to OpenBLAS's
+# spinning threads a parallel Numba pool made steps 10x slower). The activation-sized kernels take tens of microseconds
 # serially, too little to pay for a thread hand-off.
 _JIT_PARALLEL = dict(_JIT, parallel=True)
 # Below this many parameters Adam runs serially even when the cores are free.
 ADAM_PARALLEL_MIN = 1 << 18
 # Below this many multiply-adds a small-batch matmul runs serially even when the cores are free.
 MATMUL_PARALLEL_MIN = 1 << 17
+# Parallel kernels split their work into this many chunks whatever the thread count, so that a chunk
+# is computed the same way on one thread or many.
+_CHUNKS = 16
 
 _F32 = np.dtype(np.float32)
 _f = np.float32
@@ -395,8 +398,9 @@ def _adam_serial(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr
 
 @njit(**_JIT_PARALLEL)
 def _adam_parallel(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, n_chunks):
-    """Chunks of whole _SUM_BLOCK blocks, so every element is updated by the same instructions as in
-    _adam_serial: the result does not depend on whether the cores were free."""
+    """Chunks of whole _SUM_BLOCK blocks: the element-wise update is the same whichever thread runs a
+    chunk (and the norm's float64 total is summed per chunk, so it differs from _adam_serial's in
+    the last bits; clipping never uses it)."""
     n = params.size
     n_blocks = (n + _SUM_BLOCK - 1) // _SUM_BLOCK
     acc = 0.0
@@ -414,15 +418,14 @@ def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-
 
     The update runs in float32 with the reference's constants, flushing subnormal moments to zero
     (see ``_TINY``); the norm is summed in float32 blocks added in float64 (see ``_SUM_BLOCK``).
-    Over every core while OpenBLAS's threads are idle (``_cores_free``), else serial.
+    Over every core while OpenBLAS's threads are idle (see ``_pooled``).
     """
     shape = params.shape if isinstance(params, np.ndarray) and params.ndim == 1 else (-1,)
     _check("params", params, shape)
     _check("grads", grads, shape)
     _check("m", m, shape)
     _check("v", v, shape)
-    parallel = params.size >= ADAM_PARALLEL_MIN and _cores_free()
-    n_chunks = 8 * config.cpu_threads() if parallel else 1
+    pooled = params.size >= ADAM_PARALLEL_MIN and _pool_is_fast()
     b1, b2 = float(beta1), float(beta2)
     step_size = lr / (1.0 - b1 ** step)
     root_corr = math.sqrt(1.0 - b2 ** step)
@@ -436,10 +439,7 @@ def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-
         norm, scale = None, 1.0
     c1, c2 = (1.0 - b1) * scale, (1.0 - b2) * scale * scale
     args = (params, grads, m, v, b1, b2, c1, c2, step_size, root_corr, float(eps), decay)
-    if parallel:
-        sq = _adam_parallel(*args, n_chunks)
-    else:
-        sq = _adam_serial(*args)
+    sq = _pooled(_adam_parallel, *args, _CHUNKS) if pooled else _adam_serial(*args)
     return math.sqrt(sq) if norm is None else norm
 
 
@@ -627,16 +627,20 @@ def _dots(d, W, out, lo, hi):
             r += 1
 
 
-# Results must not depend on whether the cores were free (a resumed run repeats the original bit for
-# bit), so only the weight gradient runs in parallel: each thread takes a range of rows and every element
-# is the same chain of multiply-adds either way. The data gradient's dot products are reassociable sums
-# whose order LLVM picks per compiled function; a parallel version measured 1.8x faster alone but gave
-# different last bits, and the forward split by columns was slower than serial.
+# The gradients' kernels in _CHUNKS ranges of rows of W, run through _pooled. (The forward split by
+# columns over two threads was slower than serial, so it has no parallel version.)
 @njit(**_JIT_PARALLEL)
 def _rank_update_parallel(x, d, out, n_chunks):
     n_in = x.shape[1]
     for c in prange(n_chunks):
         _rank_update(x, d, out, c * n_in // n_chunks, (c + 1) * n_in // n_chunks)
+
+
+@njit(**_JIT_PARALLEL)
+def _dots_parallel(d, W, out, n_chunks):
+    n_in = W.shape[0]
+    for c in prange(n_chunks):
+        _dots(d, W, out, c * n_in // n_chunks, (c + 1) * n_in // n_chunks)
 
 
 def _f32_matrix(a):
@@ -654,10 +658,12 @@ def matmul_cpu(a, b, out):
             if b.flags.c_contiguous:                                  # x @ W
                 return _rows_times(a, b, out, 0, b.shape[1])
             if b.flags.f_contiguous:                                  # delta @ W.T
+                if out.size * a.shape[1] >= MATMUL_PARALLEL_MIN and _pool_is_fast():
+                    return _pooled(_dots_parallel, a, b.T, out, _CHUNKS)
                 return _dots(a, b.T, out, 0, b.shape[1])
         if a.flags.f_contiguous and a.shape[1] <= small and b.flags.c_contiguous:   # x.T @ delta
-            if out.size * a.shape[1] >= MATMUL_PARALLEL_MIN and _cores_free():
-                return _rank_update_parallel(a.T, b, out, config.cpu_threads())
+            if out.size * a.shape[1] >= MATMUL_PARALLEL_MIN and _pool_is_fast():
+                return _pooled(_rank_update_parallel, a.T, b, out, _CHUNKS)
             return _rank_update(a.T, b, out, 0, a.shape[0])
     _BLAS_CALLED[0] = time.perf_counter()
     np.matmul(a, b, out=out)
@@ -666,6 +672,25 @@ def matmul_cpu(a, b, out):
 # -- who has the cores ------------------------------------------------------------------------------
 _BLAS_CALLED = [-math.inf]     # perf_counter() of this module's last BLAS call
 _POOL = []                     # [whether Numba's pool keeps its threads ready], once known
+
+
+def _pooled(kernel, *args):
+    """Runs the prange ``kernel`` on Numba's threads when the cores are free, else on this thread alone.
+
+    Either way it is the same compiled code over the same ``_CHUNKS`` chunks, so the results do not
+    depend on which (a resumed run repeats the original bit for bit): a serial twin compiled separately
+    may sum a dot product in another order, and did.
+    """
+    if _cores_free():
+        return kernel(*args)
+    import numba
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)             # this thread's setting only
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
 
 
 def _cores_free():

@@ -306,6 +306,13 @@ def test_parallel_adam_matches_serial(rng, monkeypatch):
     assert norm_parallel == norm_serial                          # clipping's norm is always serial
     for a, b in zip(parallel, serial):
         np.testing.assert_array_equal(a, b)                       # so a resumed run repeats bit for bit
+    # and the chunked kernel updates every element as the plain serial loop does
+    plain = [params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    scale = min(1.0, 1.0 / (norm_serial + 1e-6))
+    cpu._adam_serial(plain[0], grads, *plain[1:], 0.9, 0.999, 0.1 * scale, 0.001 * scale * scale, 1e-3 / 0.1,
+                     math.sqrt(1 - 0.999), 1e-8, 0.0)
+    for a, b in zip(parallel, plain):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_adam_flushes_subnormal_moments_to_zero():
