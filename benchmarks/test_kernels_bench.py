@@ -1,4 +1,5 @@
-"""Each fused CPU kernel against its NumPy reference, at the shapes of the three configurations.
+"""Each fused CPU kernel against its NumPy reference (for matmul: NumPy's BLAS call), at the shapes of
+the three configurations.
 
 Run (the summary at the end prints reference/cpu ratios of the medians from the same run)::
 
@@ -174,3 +175,30 @@ def test_bias_act_backward(benchmark, rng, config, impl, activation):
     run(benchmark, f"bias_act_backward({activation}, {ACTIVATION_WIDTH[activation]})", config, impl,
         "bias_act_backward",
         dy, y, activation, np.empty_like(dy), np.empty(shape[1], np.float32))
+
+
+# The first layer's three products (784 x 400, or 784 x 1024 at wide-b512) at each configuration's batch. "reference" here is NumPy's own
+# matmul into the buffer (BLAS), which is what the CPU table's matmul replaces at a small batch; at
+# batch 128 and 512 the CPU table hands the product to that same call.
+PRODUCTS = {
+    "x @ W": lambda x, w, d: (x, w, np.empty((x.shape[0], w.shape[1]), np.float32)),
+    "x.T @ delta": lambda x, w, d: (x.T, d, np.empty_like(w)),
+    "delta @ W.T": lambda x, w, d: (d, w.T, np.empty_like(x)),
+}
+
+
+@configs
+@impls
+@parametrize("product", list(PRODUCTS))
+def test_matmul(benchmark, rng, config, impl, product):
+    n_in, hidden, _, batch = CONFIGS[config]
+    x, w, d = f32(rng, (batch, n_in)), f32(rng, (n_in, hidden[0])), f32(rng, (batch, hidden[0]))
+    a, b, out = PRODUCTS[product](x, w, d)
+    call = kernel_table("cpu").matmul if impl == "cpu" else (lambda a, b, out: np.matmul(a, b, out=out))
+    call(a, b, out)
+    kernel = f"matmul({product}, first layer)"
+    benchmark.group = f"{kernel}[{config}]"
+    benchmark.extra_info.update(config=config, impl=impl)
+    benchmark(call, a, b, out)
+    if benchmark.stats is not None:
+        _medians[(kernel, config, impl)] = benchmark.stats.stats.median
