@@ -650,10 +650,12 @@ def _f32_matrix(a):
 def matmul_cpu(a, b, out):
     """``out[...] = a @ b``; the small-batch kernels above when one operand is a batch of at most
     ``config.CPU_SMALL_BATCH`` rows in the engine's layouts, NumPy's matmul (BLAS) otherwise."""
-    if (_f32_matrix(a) and _f32_matrix(b) and _f32_matrix(out) and out.flags.c_contiguous and out.size
-            and a.shape[1] == b.shape[0] and a.shape[1] and out.shape == (a.shape[0], b.shape[1])
+    small = config.CPU_SMALL_BATCH
+    shape = getattr(a, "shape", ())
+    if (len(shape) == 2 and min(shape) <= small and _f32_matrix(a) and _f32_matrix(b) and _f32_matrix(out)
+            and out.flags.c_contiguous and out.size and a.shape[1] == b.shape[0] and a.shape[1]
+            and out.shape == (a.shape[0], b.shape[1])
             and not np.may_share_memory(out, a) and not np.may_share_memory(out, b)):
-        small = config.CPU_SMALL_BATCH
         if a.flags.c_contiguous and a.shape[0] <= small:
             if b.flags.c_contiguous:                                  # x @ W
                 return _rows_times(a, b, out, 0, b.shape[1])
