@@ -1,10 +1,12 @@
 """The machine's float32 matmul rate on one training step's own matmul shapes: the ceiling.
 
-A step can be no faster than its matmuls alone at this machine's BLAS speed. :class:`MatmulCeiling`
+A step that does its matmuls with BLAS can be no faster than those matmuls alone. :class:`MatmulCeiling`
 holds operands laid out as the engine's are (``x.T`` and ``W.T`` are transposed views, not copies)
-and runs every matmul of one step back to back with ``matmul(a, b, out=c)``; its time is the step's
-matmul work at the BLAS rate, and ``ceiling time / our step time`` is the share of the ceiling our
-step reaches (1.0 would mean everything but the matmuls is free).
+and runs every matmul of one step back to back with ``matmul(a, b, out=c)`` (NumPy's BLAS, always);
+its time is the step's matmul work at the BLAS rate, and ``ceiling time / our step time`` is the share
+of the ceiling our step reaches (1.0 would mean everything but the matmuls is free). At a batch of at
+most ``kernels.config.CPU_SMALL_BATCH`` the engine does not use BLAS for its matmuls, and the share may
+pass 1.0: the small-batch kernels beat BLAS at those shapes.
 """
 
 import numpy as np
