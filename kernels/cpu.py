@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, set_num_threads, threading_layer, types
 from numba.extending import intrinsic
 
 from . import config
@@ -520,23 +520,22 @@ def bias_act_backward_cpu(dy, y, activation, dpre_out, dbias_out):
 
 
 @njit(**_JIT)
-def _rows_times(x, W, out, lo, hi):
-    """out[:, lo:hi] = x @ W[:, lo:hi]: rows of W added into four output rows at once, four rows of W
-    per pass. Rows are sliced to the column range (1-D slices keep unit stride, so loops vectorise)."""
+def _rows_times(x, W, out):
+    """out = x @ W: rows of W added into four output rows at once, four rows of W per pass."""
     n_rows, n_in = x.shape
-    n_out = hi - lo
+    n_out = W.shape[1]
     for r in range(n_rows):
-        o = out[r, lo:hi]
+        o = out[r]
         for j in range(n_out):
             o[j] = _f(0.0)
     r = 0
     while r < n_rows:
         if r + 4 <= n_rows:
-            y0, y1, y2, y3 = out[r, lo:hi], out[r + 1, lo:hi], out[r + 2, lo:hi], out[r + 3, lo:hi]
+            y0, y1, y2, y3 = out[r], out[r + 1], out[r + 2], out[r + 3]
             x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
             i = 0
             while i + 4 <= n_in:
-                w0, w1, w2, w3 = W[i, lo:hi], W[i + 1, lo:hi], W[i + 2, lo:hi], W[i + 3, lo:hi]
+                w0, w1, w2, w3 = W[i], W[i + 1], W[i + 2], W[i + 3]
                 a00, a01, a02, a03 = x0[i], x0[i + 1], x0[i + 2], x0[i + 3]
                 a10, a11, a12, a13 = x1[i], x1[i + 1], x1[i + 2], x1[i + 3]
                 a20, a21, a22, a23 = x2[i], x2[i + 1], x2[i + 2], x2[i + 3]
@@ -549,7 +548,7 @@ def _rows_times(x, W, out, lo, hi):
                     y3[j] += a30 * c0 + a31 * c1 + a32 * c2 + a33 * c3
                 i += 4
             for i in range(i, n_in):
-                w0 = W[i, lo:hi]
+                w0 = W[i]
                 a0, a1, a2, a3 = x0[i], x1[i], x2[i], x3[i]
                 for j in range(n_out):
                     c0 = w0[j]
@@ -559,16 +558,16 @@ def _rows_times(x, W, out, lo, hi):
                     y3[j] += a3 * c0
             r += 4
         else:
-            y0, x0 = out[r, lo:hi], x[r]
+            y0, x0 = out[r], x[r]
             i = 0
             while i + 4 <= n_in:
-                w0, w1, w2, w3 = W[i, lo:hi], W[i + 1, lo:hi], W[i + 2, lo:hi], W[i + 3, lo:hi]
+                w0, w1, w2, w3 = W[i], W[i + 1], W[i + 2], W[i + 3]
                 a0, a1, a2, a3 = x0[i], x0[i + 1], x0[i + 2], x0[i + 3]
                 for j in range(n_out):
                     y0[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
                 i += 4
             for i in range(i, n_in):
-                w0, a0 = W[i, lo:hi], x0[i]
+                w0, a0 = W[i], x0[i]
                 for j in range(n_out):
                     y0[j] += a0 * w0[j]
             r += 1
@@ -658,7 +657,7 @@ def matmul_cpu(a, b, out):
             and not np.may_share_memory(out, a) and not np.may_share_memory(out, b)):
         if a.flags.c_contiguous and a.shape[0] <= small:
             if b.flags.c_contiguous:                                  # x @ W
-                return _rows_times(a, b, out, 0, b.shape[1])
+                return _rows_times(a, b, out)
             if b.flags.f_contiguous:                                  # delta @ W.T
                 if out.size * a.shape[1] >= MATMUL_PARALLEL_MIN and _pool_is_fast():
                     return _pooled(_dots_parallel, a, b.T, out, _CHUNKS)
@@ -685,14 +684,12 @@ def _pooled(kernel, *args):
     """
     if _cores_free():
         return kernel(*args)
-    import numba
-
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)             # this thread's setting only
+    threads = get_num_threads()
+    set_num_threads(1)                   # this thread's setting only
     try:
         return kernel(*args)
     finally:
-        numba.set_num_threads(threads)
+        set_num_threads(threads)
 
 
 def _cores_free():
@@ -706,11 +703,9 @@ def _pool_is_fast():
     """More than one thread, and a layer that keeps them ready: OpenMP or TBB. The workqueue layer
     wakes its sleeping threads too slowly to pay for a ~100 us kernel (see kernels/config.py)."""
     if not _POOL:
-        import numba
-
         p = np.zeros(64, np.float32)
         _adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, 0.0, 2)   # starts the pool
-        _POOL.append(numba.get_num_threads() > 1 and numba.threading_layer() in ("omp", "tbb"))
+        _POOL.append(get_num_threads() > 1 and threading_layer() in ("omp", "tbb"))
     return _POOL[0]
 
 
@@ -731,10 +726,14 @@ def warm_up():
     p = np.zeros(16, np.float32)
     adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3)
     adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3, clip_norm=1.0)
-    x, w = np.ones((5, 4), np.float32), np.ones((4, 3), np.float32)
-    matmul_cpu(x, w, np.empty((5, 3), np.float32))
-    matmul_cpu(x.T, np.ones((5, 3), np.float32), np.empty((4, 3), np.float32))
-    matmul_cpu(np.ones((5, 3), np.float32), w.T, np.empty((5, 4), np.float32))
+    x, w, d = np.ones((5, 4), np.float32), np.ones((4, 3), np.float32), np.ones((5, 3), np.float32)
+    _rows_times(x, w, np.empty((5, 3), np.float32))
+    _rank_update(x, d, np.empty((4, 3), np.float32), 0, 4)
+    _dots(d, w, np.empty((5, 4), np.float32), 0, 4)
+    # the parallel versions too (their first compile takes seconds); this also starts Numba's pool
+    _rank_update_parallel(x, d, np.empty((4, 3), np.float32), 2)
+    _dots_parallel(d, w, np.empty((5, 4), np.float32), 2)
+    _pool_is_fast()
 
 
 __all__ = [
