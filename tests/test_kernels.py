@@ -7,7 +7,9 @@ Tolerances (float32, machine epsilon 1.2e-7):
 * batch sums: rtol 1e-5 plus atol 1e-5 per summed element. The reference sums in float32 (pairwise),
   the CPU kernels accumulate each row in float32 lanes and the rows in float64, so the two differ by
   the reference's own rounding, which grows with the element count;
-* Adam: parameters and moments rtol 1e-5, the gradient norm rtol 1e-5.
+* Adam: parameters and moments rtol 1e-5, the gradient norm rtol 1e-5;
+* small-batch matmuls: rtol 1e-5 plus atol 1e-5 * sqrt(terms summed): float32 sums in another order
+  than BLAS's.
 """
 
 import inspect
@@ -38,6 +40,18 @@ SHAPES = [(1, 784), (4, 784), (128, 784), (3, 7), (0, 784)]   # batch of 1, conf
 
 def f32(rng, shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# How Adam and the small-batch gradient products may run: plain serial kernels (Numba's pool is not
+# OpenMP or TBB), or the parallel kernels on one thread (BLAS was called lately) or on all threads (the
+# cores are free). Forced here, so every path runs whatever threading layer this machine has.
+POOL_MODES = {"serial": (False, False), "pooled-one-thread": (True, False), "pooled-all-threads": (True, True)}
+
+
+def _set_pool_mode(monkeypatch, mode):
+    fast, free = POOL_MODES[mode]
+    monkeypatch.setattr(cpu, "_pool_is_fast", lambda: fast)
+    monkeypatch.setattr(cpu, "_cores_free", lambda: free)
 
 
 def assert_sum_close(actual, expected, n_terms):
@@ -297,22 +311,16 @@ def test_adam_does_not_modify_the_gradients(rng):
 def test_parallel_adam_matches_serial(rng, monkeypatch):
     n = cpu.ADAM_PARALLEL_MIN + 12345
     params, grads = f32(rng, n), f32(rng, n, 0.1)
-    serial = [params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
-    parallel = [params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
-    monkeypatch.setattr(cpu, "_cores_free", lambda: False)
-    norm_serial = cpu.adam_step_cpu(serial[0], grads, *serial[1:], 1, 1e-3, clip_norm=1.0)
-    monkeypatch.setattr(cpu, "_cores_free", lambda: True)
-    norm_parallel = cpu.adam_step_cpu(parallel[0], grads, *parallel[1:], 1, 1e-3, clip_norm=1.0)
-    assert norm_parallel == norm_serial                          # clipping's norm is always serial
-    for a, b in zip(parallel, serial):
-        np.testing.assert_array_equal(a, b)                       # so a resumed run repeats bit for bit
-    # and the chunked kernel updates every element as the plain serial loop does
-    plain = [params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
-    scale = min(1.0, 1.0 / (norm_serial + 1e-6))
-    cpu._adam_serial(plain[0], grads, *plain[1:], 0.9, 0.999, 0.1 * scale, 0.001 * scale * scale, 1e-3 / 0.1,
-                     math.sqrt(1 - 0.999), 1e-8, 0.0)
-    for a, b in zip(parallel, plain):
-        np.testing.assert_array_equal(a, b)
+    runs = {}
+    for mode in POOL_MODES:
+        _set_pool_mode(monkeypatch, mode)
+        state = [params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+        norm = cpu.adam_step_cpu(state[0], grads, *state[1:], 1, 1e-3, clip_norm=1.0)
+        runs[mode] = norm, state
+    for mode in ("pooled-one-thread", "pooled-all-threads"):
+        assert runs[mode][0] == runs["serial"][0]                 # clipping's norm is always serial
+        for a, b in zip(runs[mode][1], runs["serial"][1]):
+            np.testing.assert_array_equal(a, b)                   # so a resumed run repeats bit for bit
 
 
 def test_adam_flushes_subnormal_moments_to_zero():
@@ -516,20 +524,29 @@ def _products(rng, batch, n_in, n_out, scale=1.0):
     return [(x, w, (batch, n_out)), (x.T, d, (n_in, n_out)), (d, w.T, (batch, n_in))]
 
 
-@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("mode", list(POOL_MODES))
 @pytest.mark.parametrize("batch", MATMUL_BATCHES)
 @pytest.mark.parametrize("n_in,n_out", [(784, 400), (400, 40), (3, 5), (1, 9)])
-def test_matmul_matches_reference(rng, monkeypatch, parallel, batch, n_in, n_out):
-    monkeypatch.setattr(cpu, "_cores_free", lambda: parallel)
+def test_matmul_matches_reference(rng, monkeypatch, mode, batch, n_in, n_out):
+    _set_pool_mode(monkeypatch, mode)
     for a, b, shape in _products(rng, batch, n_in, n_out):
-        out, ref, serial = (np.full(shape, np.nan, np.float32) for _ in range(3))
+        out, ref = np.full(shape, np.nan, np.float32), np.empty(shape, np.float32)
         cpu.matmul_cpu(a, b, out)
         kernels.REFERENCE.matmul(a, b, ref)
         # float32 sums over up to 784 terms in different orders: atol scaled by sqrt(terms)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * math.sqrt(a.shape[1]))
-        monkeypatch.setattr(cpu, "_cores_free", lambda: False)
-        cpu.matmul_cpu(a, b, serial)
-        np.testing.assert_array_equal(out, serial)                # free cores or not, the same bits
+
+
+@pytest.mark.parametrize("batch", [1, 4, 7])
+def test_pooled_matmul_gives_the_same_bits_on_one_thread_or_all(rng, monkeypatch, batch):
+    """A resumed run must repeat the original bit for bit, whether or not BLAS left the cores free."""
+    for a, b, shape in _products(rng, batch, 784, 400):
+        results = []
+        for mode in ("pooled-one-thread", "pooled-all-threads"):
+            _set_pool_mode(monkeypatch, mode)
+            results.append(np.empty(shape, np.float32))
+            cpu.matmul_cpu(a, b, results[-1])
+        np.testing.assert_array_equal(*results)
 
 
 @pytest.mark.parametrize("batch", [1, 4, 6])
