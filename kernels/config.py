@@ -18,10 +18,11 @@ CUDA_BIAS_ROWS_PER_THREAD = 32
 
 # -- CPU matmuls and threading ---------------------------------------------------------------------
 # A matmul whose batch side has at most this many rows runs in the small-batch kernels of
-# kernels/matmul.py instead of BLAS. Measured per layer of the seed network (784-400-200) against
-# OpenBLAS 0.3.31 (2 threads) on the project's 2-core machine, batch 4: forward 18 us vs 38-46 us,
-# data gradient 15-32 us vs 43-83 us; at batch 8 the forward still wins (36 vs 44 us) but the weight
-# gradient is level; by batch 16 BLAS wins every shape.
+# kernels/matmul.py instead of BLAS. Per layer of the seed network (784-400-200) against OpenBLAS
+# 0.3.31 (2 threads) on the project's 2-core machine, batch 4: forward 18-21 us vs 38-46 us, data
+# gradient 15-32 us vs 43-83 us, weight gradient 36 us (19 on two threads) vs 17-59 us. Whole steps
+# with all matmuls in these kernels against all in BLAS: batch 4, 300 vs 480 us; batch 8, 0.74x;
+# batch 12, 0.77-0.86x; batch 16, 0.83-1.0x; batch 24, 0.95-1.14x (784-400 with latent 200 and 20).
 CPU_SMALL_BATCH = 8
 
 # Adam and the small-batch matmuls spread over Numba's threads only while OpenBLAS's are idle: when

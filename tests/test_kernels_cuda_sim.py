@@ -267,6 +267,20 @@ def test_wrong_arrays_are_rejected(dev):
             dev.k.bias_act_cuda(np.zeros((4, 10), np.float32), dev.put(np.zeros(10, np.float32)), "relu")
 
 
+def test_matmul_in_the_engine_layouts(dev, rng):
+    """cuBLAS (NumPy under the simulator) into the preallocated buffer, transposed views included."""
+    for batch, n_in, n_out in [(3, 5, 7)] + ([] if dev.simulated else [(128, 784, 400)]):
+        x, w, d = f32(rng, (batch, n_in)), f32(rng, (n_in, n_out)), f32(rng, (batch, n_out))
+        for a, b in ((x, w), (x.T, d), (d, w.T)):
+            a_dev = dev.put(np.ascontiguousarray(a.T)).T if a.flags.f_contiguous and not a.flags.c_contiguous \
+                else dev.put(a)
+            b_dev = dev.put(np.ascontiguousarray(b.T)).T if b.flags.f_contiguous and not b.flags.c_contiguous \
+                else dev.put(b)
+            out = dev.put(np.full((a.shape[0], b.shape[1]), np.nan, np.float32))
+            dev.k.matmul_cuda(a_dev, b_dev, out)
+            np.testing.assert_allclose(dev.get(out), a @ b, rtol=RTOL, atol=1e-5 * math.sqrt(a.shape[1]))
+
+
 def test_cuda_table_has_the_reference_signatures(dev):
     import inspect
 
