@@ -1,14 +1,16 @@
 """CPU implementations of every kernel: Numba ``@njit`` loops behind thin wrappers.
 
 The maths, shapes and reference of each kernel are documented once, in its op module
-(:mod:`kernels.reparam_kl`, :mod:`kernels.likelihood`, :mod:`kernels.adam`, :mod:`kernels.bias_act`);
-each ``<op>_cpu`` here has exactly the reference's signature.
+(:mod:`kernels.reparam_kl`, :mod:`kernels.likelihood`, :mod:`kernels.adam`, :mod:`kernels.bias_act`,
+:mod:`kernels.matmul`); each ``<op>_cpu`` here has exactly the reference's signature.
 
 Contract of the wrappers
 ------------------------
 * Arrays must be NumPy ``float32`` and C-contiguous with the shapes the docstrings give; anything else
   is rejected with a ``ValueError`` naming the argument (the engine allocates its buffers that way, and
   a silent copy or a second compiled specialisation would hide a slow path). Scalars are Python numbers.
+  The exception is ``matmul_cpu``, which takes anything ``np.matmul`` takes and hands what its own
+  kernels do not cover to it.
 * Outputs are written into the preallocated buffers; nothing is allocated per call. Loss kernels return
   the batch sum as a Python ``float``; ``adam_step_cpu`` returns the pre-clip gradient norm (NaN or Inf
   when the gradients hold one -- no fast-math flag here assumes finite values).
