@@ -108,6 +108,20 @@ def build_parser():
         p.add_argument("--skip-bad", action="store_true", help="skip unreadable images in an image folder "
                        "instead of stopping")
 
+    def picture_flags(p, what):
+        """How predict and interpolate prepare the user's pictures."""
+        p.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
+                       help=f"invert {what}: auto (when the border is light; default), yes or no")
+        p.add_argument("--fit", choices=FIT_CHOICES, default="center",
+                       help="center: crop to the drawing and centre it with a margin as MNIST was made "
+                            "(default); stretch: resize the whole picture")
+
+    def png_flags(p, scale, default_name):
+        p.add_argument("--scale", type=positive_int, default=scale,
+                       help=f"enlargement of the output picture (default {scale})")
+        p.add_argument("--out", type=Path, metavar="PNG",
+                       help=f"output file (default: {default_name} beside the checkpoint)")
+
     def checkpoint_flag(p):
         p.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "model.npz", metavar="PATH",
                        help=f"the trained model (default {DEFAULT_RUN / 'model.npz'})")
@@ -165,11 +179,7 @@ def build_parser():
     p.add_argument("images", nargs="+", type=Path, metavar="IMG", help="image files (PNG, JPEG, anything Pillow reads)")
     checkpoint_flag(p)
     backend_flag(p)
-    p.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
-                   help="invert the picture: auto (when its border is light; default), yes or no")
-    p.add_argument("--fit", choices=FIT_CHOICES, default="center",
-                   help="center: crop to the drawing and centre it with a margin as MNIST was made "
-                        "(default); stretch: resize the whole picture")
+    picture_flags(p, "the picture")
     p.add_argument("--scale", type=positive_int, default=8, help="enlargement of the output picture (default 8)")
     p.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: predictions/ beside the checkpoint)")
 
@@ -179,8 +189,7 @@ def build_parser():
     backend_flag(s)
     s.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=int, default=0, help="seed for z (default 0)")
-    s.add_argument("--scale", type=positive_int, default=3, help="enlargement of the output picture (default 3)")
-    s.add_argument("--out", type=Path, metavar="PNG", help="output file (default: samples.png beside the checkpoint)")
+    png_flags(s, 3, "samples.png")
 
     e = commands.add_parser("evaluate", help="score a model on the test split",
                             description="Score a model on the test split: negative ELBO (nats per image, one "
@@ -212,13 +221,8 @@ def build_parser():
     ip.add_argument("--steps", type=positive_int, default=10, help="decoded images, ends included (default 10)")
     checkpoint_flag(ip)
     backend_flag(ip)
-    ip.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
-                    help="invert the pictures: auto (when the border is light; default), yes or no")
-    ip.add_argument("--fit", choices=FIT_CHOICES, default="center",
-                    help="center: crop to the drawing and centre it (default); stretch: resize the whole picture")
-    ip.add_argument("--scale", type=positive_int, default=4, help="enlargement of the output picture (default 4)")
-    ip.add_argument("--out", type=Path, metavar="PNG",
-                    help="output file (default: interpolation_A_B.png beside the checkpoint)")
+    picture_flags(ip, "the pictures")
+    png_flags(ip, 4, "interpolation_A_B.png")
 
     tv = commands.add_parser("traverse", help="sweep latent dimensions one at a time",
                              description="Show what each latent dimension encodes: one row per dimension in "
@@ -234,8 +238,7 @@ def build_parser():
                     "posterior mean instead of 0")
     checkpoint_flag(tv)
     backend_flag(tv)
-    tv.add_argument("--scale", type=positive_int, default=3, help="enlargement of the output picture (default 3)")
-    tv.add_argument("--out", type=Path, metavar="PNG", help="output file (default: traversal.png beside the checkpoint)")
+    png_flags(tv, 3, "traversal.png")
 
     pl = commands.add_parser("plot", help="plot a run: loss curves and the latent space",
                              description="Write plots of a training run (needs matplotlib): loss_curves.png, "

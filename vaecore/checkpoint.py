@@ -7,9 +7,6 @@ stored on the host, so a checkpoint written on one backend loads on the other.
 """
 
 import json
-import math
-import struct
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from .config import ModelConfig, TrainConfig, from_json, to_json
 from .errors import CheckpointError
 from .fileio import atomic_path
 from .model import parameter_count
+from .npzread import read_npz_arrays, reason
 
 FORMAT = "vaecore-checkpoint"
 VERSION = 1
@@ -83,13 +81,7 @@ def load(path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint (train a model first: python cli.py train)")
-    try:
-        contents = _read_arrays(path)
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, KeyError, TypeError,
-            NotImplementedError, RuntimeError, OverflowError, struct.error) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+    contents = read_npz_arrays(path, CheckpointError, stored_only=True)
     meta = _read_meta(path, contents)
     arrays = {}
     for name, spec in meta["arrays"].items():
@@ -105,7 +97,7 @@ def load(path) -> Checkpoint:
         train_config = from_json(TrainConfig, meta["train"])
         epoch, adam_step, rng_state = int(meta["epoch"]), int(meta["adam_step"]), dict(meta["rng_state"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: incomplete metadata ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: incomplete metadata ({reason(e)})") from None
     expected = parameter_count(model_config)
     for name in ("params", "adam_m", "adam_v"):
         if name not in arrays or arrays[name].shape != (expected,):
@@ -121,38 +113,10 @@ def _epoch_state(path, in_progress, order, epoch):
         state = EpochState(int(in_progress["epoch"]), order, int(in_progress["step"]),
                            float(in_progress["loss_sum"]), float(in_progress["seconds"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable in-progress epoch ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable in-progress epoch ({reason(e)})") from None
     if order is None or order.ndim != 1 or state.epoch != epoch + 1 or state.step < 0:
         raise CheckpointError(f"{path}: inconsistent in-progress epoch")
     return state
-
-
-def _read_arrays(path):
-    """Every ``.npy`` member of the zip, with nothing allocated beyond what the file holds.
-
-    ``np.load`` would trust each member's header and allocate the shape it claims; here a member
-    must be stored uncompressed (as ``np.savez`` writes it) and its header must describe no more
-    bytes than the member has, before a byte of data is read. Object arrays (pickles) are refused.
-    """
-    file_size = path.stat().st_size
-    arrays = {}
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            name = info.filename[:-4] if info.filename.endswith(".npy") else None
-            if name is None or info.compress_type != zipfile.ZIP_STORED or info.file_size > file_size:
-                raise CheckpointError(f"{path}: unexpected member {info.filename!r}; not a vaecore checkpoint")
-            with archive.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                          else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = header(member)
-                if dtype.hasobject:
-                    raise CheckpointError(f"{path}: array {name!r} holds Python objects; refused")
-                if math.prod(shape) * dtype.itemsize > info.file_size:
-                    raise CheckpointError(f"{path}: array {name!r} claims more data than the file holds")
-            with archive.open(info) as member:
-                arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
-    return arrays
 
 
 def _read_meta(path, contents):
@@ -161,7 +125,7 @@ def _read_meta(path, contents):
     try:
         meta = json.loads(str(contents["meta"][()]))
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable metadata ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable metadata ({reason(e)})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a vaecore checkpoint")
     if meta.get("version") != VERSION:
@@ -170,8 +134,3 @@ def _read_meta(path, contents):
     if not isinstance(meta.get("arrays"), dict):
         raise CheckpointError(f"{path}: metadata lists no arrays")
     return meta
-
-
-def _first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

