@@ -104,6 +104,13 @@ class Backend:
         else:
             out[...] = self.xp.astype(staging, self.dtype) * (1.0 / 255.0)
 
+    def warm_up(self):
+        """Compiles the CPU kernels, or loads them from Numba's disk cache (seconds the first time)."""
+        if self.kernels.name == "cpu":
+            import kernels.cpu
+
+            kernels.cpu.warm_up()
+
     def synchronize(self):
         if self.name == "cupy":
             self.xp.cuda.get_current_stream().synchronize()

@@ -238,6 +238,7 @@ def run_training(run_dir, model_config: ModelConfig, train_config: TrainConfig, 
     # --binarize: validation always scores the same binarization, so epochs and runs compare
     x_val = binarize_fixed(dataset.x_test, TEST_SEED) if train_config.binarize else dataset.x_test
     trainer = Trainer(model, optimizer, train_config, dataset.x_train, x_val)
+    backend.warm_up()         # compile (or load) the kernels now, not inside epoch 1's timing
     if state is not None and not np.array_equal(np.sort(state.order), np.arange(len(trainer.x_train))):
         raise VaecoreError(f"{paths.checkpoint} was interrupted on {len(state.order)} training images, "
                            f"the data now has {len(trainer.x_train)}")
