@@ -25,11 +25,16 @@ CUDA_BIAS_ROWS_PER_THREAD = 32
 # batch 12, 0.77-0.86x; batch 16, 0.83-1.0x; batch 24, 0.95-1.14x (784-400 with latent 200 and 20).
 CPU_SMALL_BATCH = 8
 
-# Adam and the small-batch matmuls spread over Numba's threads only while OpenBLAS's are idle: when
-# nothing has called BLAS through kernels.cpu.matmul_cpu for this many seconds. After a call OpenBLAS's
-# workers spin for about 0.1 s (measured: a step that followed one straight away ran 10x slower with a
-# parallel Adam), so a training step at a batch of at most CPU_SMALL_BATCH, which calls no BLAS, gets
-# both cores from its second step on, and one at a larger batch never does.
+# BLAS matmuls run OpenBLAS's jobs on Numba's threads (kernels/blas_pool.py: OpenBLAS >= 0.3.27's
+# caller-managed threading), so OpenBLAS's own workers stay asleep and Numba's kernels may take every
+# core right after a matmul. Off, or where NumPy's BLAS cannot do it, the rule below decides.
+CPU_SHARE_BLAS_THREADS = True
+
+# Adam and the parallel kernels spread over Numba's threads only while OpenBLAS's own threads are idle:
+# when kernels.cpu.matmul_cpu has not woken them for this many seconds. After a call OpenBLAS's workers
+# spin for about 0.1 s (measured: a step that followed one straight away ran 10x slower with a parallel
+# Adam), so without the sharing above a training step at a batch of at most CPU_SMALL_BATCH, which
+# calls no BLAS, gets both cores from its second step on, and one at a larger batch never does.
 CPU_BLAS_SPIN_SECONDS = 0.25
 #
 # Measured on the project's 2-core machine (AMD EPYC, Numba 0.68, NumPy 2.4 with OpenBLAS 0.3.31 at its

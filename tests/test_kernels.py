@@ -580,9 +580,10 @@ def test_matmul_outside_the_small_kernels_goes_to_numpy(rng):
 
 def test_a_blas_call_keeps_the_parallel_kernels_off_until_its_threads_rest(rng, monkeypatch):
     """After a matmul goes to OpenBLAS, whose threads then spin for a while, the Numba kernels stay
-    serial for kernels.config.CPU_BLAS_SPIN_SECONDS."""
+    serial for kernels.config.CPU_BLAS_SPIN_SECONDS (where Numba's pool is not lent to OpenBLAS)."""
     from kernels import config
 
+    monkeypatch.setattr(config, "CPU_SHARE_BLAS_THREADS", False)
     cpu.matmul_cpu(f32(rng, (64, 32)), f32(rng, (32, 16)), np.empty((64, 16), np.float32))   # BLAS
     assert not cpu._cores_free()
     monkeypatch.setattr(config, "CPU_BLAS_SPIN_SECONDS", 0.0)
