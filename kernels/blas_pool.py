@@ -1,7 +1,7 @@
 """OpenBLAS's matmuls run on Numba's threads, so one pool holds the cores for the whole training step.
 
 Why: NumPy's OpenBLAS keeps its own worker threads, and after every call they spin for about 0.1 s
-waiting for the next one. A parallel Numba kernel (Adam, the loss) started in that window shares a core
+waiting for the next one. A parallel Numba kernel (Adam, a small-batch product) started in that window shares a core
 with a spinning worker, and steps measured 10x slower; so before this module the engine kept its own
 kernels on one thread whenever BLAS had run recently, which at a batch above
 ``config.CPU_SMALL_BATCH`` was always.
@@ -14,13 +14,16 @@ again, so no other BLAS call in the process is affected. OpenBLAS splits the wor
 for its own threads, so the product is the same bit for bit (tested). With OpenBLAS's own workers
 never woken, they stay asleep, and Numba's kernels can take every core right after a matmul.
 
-:func:`matmul` declines (the caller then uses a plain ``np.matmul`` on OpenBLAS's own threads) when NumPy's BLAS is not an
-OpenBLAS with the callback, when OpenBLAS wants more threads than Numba's pool has, or when the
-pool is not an OpenMP/TBB one (the workqueue layer cannot run two launches at once, and a second
-Python thread calling BLAS would be one).
+:func:`matmul` declines (the caller then runs a plain ``np.matmul`` on OpenBLAS's own threads) when
+NumPy's BLAS is not an OpenBLAS with the callback; when OpenBLAS wants more threads than this thread's
+Numba setting (``numba.get_num_threads``) gives; when the pool is not an OpenMP/TBB one (the workqueue
+layer cannot run two launches at once, and a second Python thread calling BLAS would be one); or when
+``OMP_DYNAMIC`` or ``OMP_THREAD_LIMIT`` may hand the pool fewer threads than asked for. In the last
+three cases two jobs could land on one thread and wait for each other forever.
 """
 
 import ctypes
+import os
 
 import numpy as np
 from llvmlite import ir
@@ -112,6 +115,10 @@ def _numpy_openblas():
                 raise LookupError("NumPy's BLAS is not an OpenBLAS that threadpoolctl can tell apart")
             if mine[0].get("threading_layer") != "pthreads":
                 raise LookupError(f"NumPy's OpenBLAS threads with {mine[0].get('threading_layer')}, not pthreads")
+            limits = [name for name in ("OMP_DYNAMIC", "OMP_THREAD_LIMIT") if os.environ.get(name, "").strip()
+                      and os.environ[name].strip().lower() not in ("false", "0")]
+            if limits:
+                raise LookupError(f"{' and '.join(limits)} set: OpenMP might give fewer threads than OpenBLAS's jobs")
             _STATE.append((_OpenBLAS(mine[0]["filepath"]), "NumPy's OpenBLAS runs its jobs on Numba's threads"))
         except (LookupError, OSError) as error:
             _STATE.append((None, str(error)))

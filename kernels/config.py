@@ -50,8 +50,13 @@ CPU_BLAS_SPIN_SECONDS = 0.25
 #     example-b128 (653k params)     omp 1.36 ms vs 8.0 ms;  workqueue 1.36 vs 1.46 ms
 #     wide-b512 (3.9M params)        omp 28.8 ms vs 35.5-37.2 ms;  workqueue 28.4 vs 28.7 ms
 #
-# The engine itself does nothing about threading (no numba.set_num_threads, no thread-count environment
-# variables). The pool has numba.get_num_threads() threads, which numba.set_num_threads() lowers.
+#   with the pool lent to OpenBLAS (CPU_SHARE_BLAS_THREADS) or not, same process, alternating rounds:
+#     example-b128                   1.54 -> 1.45 ms (Adam 163 -> 89 us); in a slow phase 2.10 -> 1.94 ms
+#     wide-b512                      33.4 -> 32.8 ms (Adam 1.83 -> 1.50 ms: bound by memory)
+#
+# The engine sets no thread-count environment variables and never calls numba.set_num_threads for
+# the process: the pool has numba.get_num_threads() threads, which numba.set_num_threads() lowers,
+# and OpenBLAS's jobs are lent it only while that is at least OpenBLAS's own thread count.
 
 
 def cpu_threads():

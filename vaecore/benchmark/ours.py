@@ -50,6 +50,11 @@ class OurStep:
 def threads_note():
     """How our step uses the cores (the policy is in ``kernels/config.py``)."""
     import kernels.config
+    from kernels import blas_pool
 
-    return (f"matmuls of more than {kernels.config.CPU_SMALL_BATCH} rows on BLAS's threads; smaller ones in "
-            f"Numba kernels, which with Adam take Numba's {kernels.config.cpu_threads()} threads while BLAS is idle")
+    threads = kernels.config.cpu_threads()
+    lent, why = blas_pool.status()
+    blas = (f"on OpenBLAS, its jobs on Numba's {threads} threads" if lent
+            else f"on OpenBLAS's own threads ({why})")
+    return (f"matmuls of more than {kernels.config.CPU_SMALL_BATCH} rows {blas}; smaller ones in Numba "
+            f"kernels; Adam and those kernels on Numba's {threads} threads while OpenBLAS's own rest")
