@@ -132,9 +132,10 @@ def status():
         return False, _STATE[0][1]
     if not config.CPU_SHARE_BLAS_THREADS:
         return False, "kernels.config.CPU_SHARE_BLAS_THREADS is off"
+    if _layer() not in ("omp", "tbb"):
+        return False, f"Numba's threading layer is {_layer()}; the pool is lent only with omp or tbb"
     if not _pool_can_host(blas):
-        return False, (f"OpenBLAS wants {blas.threads()} threads, Numba's pool has "
-                       f"{get_num_threads()} ({_layer()} layer)")
+        return False, f"OpenBLAS wants {blas.threads()} threads, Numba gives this thread {get_num_threads()}"
     return True, _STATE[0][1]
 
 

@@ -60,6 +60,7 @@ def _helper_thread(work):
 
 @needs_lending
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc to see threads")
+@pytest.mark.skipif(numba.get_num_threads() < 2, reason="one thread: no second thread to look for")
 def test_lent_matmul_runs_on_numbas_thread_not_openblas_own(monkeypatch):
     rng = np.random.default_rng(8)
     a = rng.standard_normal((1024, 1024), np.float32)
