@@ -122,9 +122,11 @@ def build_parser():
         p.add_argument("--out", type=Path, metavar="PNG",
                        help=f"output file (default: {default_name} beside the checkpoint)")
 
-    def checkpoint_flag(p):
+    def model_flags(p):
+        """Which trained model a command uses, and where it runs."""
         p.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "model.npz", metavar="PATH",
                        help=f"the trained model (default {DEFAULT_RUN / 'model.npz'})")
+        backend_flag(p)
 
     t = commands.add_parser("train", help="train a VAE and write a run directory",
                             description="Train a VAE. Prints one line per epoch (negative ELBO in nats per "
@@ -177,16 +179,14 @@ def build_parser():
                             "input with the original and the reconstruction side by side, and prints its "
                             "path and the mean squared error.")
     p.add_argument("images", nargs="+", type=Path, metavar="IMG", help="image files (PNG, JPEG, anything Pillow reads)")
-    checkpoint_flag(p)
-    backend_flag(p)
+    model_flags(p)
     picture_flags(p, "the picture")
     p.add_argument("--scale", type=positive_int, default=8, help="enlargement of the output picture (default 8)")
     p.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: predictions/ beside the checkpoint)")
 
     s = commands.add_parser("sample", help="draw images from the prior",
                             description="Decode z ~ N(0, I) into a grid of images.")
-    checkpoint_flag(s)
-    backend_flag(s)
+    model_flags(s)
     s.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=int, default=0, help="seed for z (default 0)")
     png_flags(s, 3, "samples.png")
@@ -198,8 +198,7 @@ def build_parser():
                             "importance-sampled estimate of the negative log-likelihood -log p(x) with K "
                             "samples per image (an upper bound that tightens as K grows). With --json, one "
                             "line with the keys test_loss, recon_mse, kl, active_units, nll_is, iw_samples, n.")
-    checkpoint_flag(e)
-    backend_flag(e)
+    model_flags(e)
     data_flags(e, None)
     e.add_argument("--seed", type=int, default=0, help="seed for the z samples (default 0)")
     e.add_argument("--iw-samples", type=non_negative_int, default=1000, metavar="K",
@@ -219,8 +218,7 @@ def build_parser():
     ip.add_argument("image_a", type=Path, metavar="A", help="the first image (PNG, JPEG, anything Pillow reads)")
     ip.add_argument("image_b", type=Path, metavar="B", help="the second image")
     ip.add_argument("--steps", type=positive_int, default=10, help="decoded images, ends included (default 10)")
-    checkpoint_flag(ip)
-    backend_flag(ip)
+    model_flags(ip)
     picture_flags(ip, "the pictures")
     png_flags(ip, 4, "interpolation_A_B.png")
 
@@ -236,8 +234,7 @@ def build_parser():
     tv.add_argument("--span", type=positive_float, default=3.0, help="sweep from -SPAN to SPAN (default 3)")
     tv.add_argument("--base", type=Path, metavar="IMG", help="hold the other dimensions at this image's "
                     "posterior mean instead of 0")
-    checkpoint_flag(tv)
-    backend_flag(tv)
+    model_flags(tv)
     png_flags(tv, 3, "traversal.png")
 
     pl = commands.add_parser("plot", help="plot a run: loss curves and the latent space",

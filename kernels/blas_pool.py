@@ -125,20 +125,6 @@ def _numpy_openblas():
     return _STATE[0][0]
 
 
-def status():
-    """(whether the engine's BLAS matmuls run on Numba's pool, why or why not), for ``bench``'s notes."""
-    blas = _numpy_openblas()
-    if blas is None:
-        return False, _STATE[0][1]
-    if not config.CPU_SHARE_BLAS_THREADS:
-        return False, "kernels.config.CPU_SHARE_BLAS_THREADS is off"
-    if _layer() not in ("omp", "tbb"):
-        return False, f"Numba's threading layer is {_layer()}; the pool is lent only with omp or tbb"
-    if not _pool_can_host(blas):
-        return False, f"OpenBLAS wants {blas.threads()} threads, Numba gives this thread {get_num_threads()}"
-    return True, _STATE[0][1]
-
-
 _LAYER = []      # Numba's threading layer, once a parallel kernel has chosen it
 
 
@@ -153,15 +139,31 @@ def _layer():
     return _LAYER[0]
 
 
-def _pool_can_host(blas):
-    return _layer() in ("omp", "tbb") and blas.threads() <= get_num_threads()
+def _lendable():
+    """(NumPy's OpenBLAS, None) when the pool can be lent now, else (None, why not)."""
+    blas = _numpy_openblas()
+    if blas is None:
+        return None, _STATE[0][1]
+    if not config.CPU_SHARE_BLAS_THREADS:
+        return None, "kernels.config.CPU_SHARE_BLAS_THREADS is off"
+    if _layer() not in ("omp", "tbb"):
+        return None, f"Numba's threading layer is {_layer()}; the pool is lent only with omp or tbb"
+    if blas.threads() > get_num_threads():
+        return None, f"OpenBLAS wants {blas.threads()} threads, Numba gives this thread {get_num_threads()}"
+    return blas, None
+
+
+def status():
+    """(whether the engine's BLAS matmuls run on Numba's pool, why or why not), for ``bench``'s notes."""
+    blas, why = _lendable()
+    return blas is not None, why or _STATE[0][1]
 
 
 def matmul(a, b, out):
     """``np.matmul(a, b, out=out)`` with OpenBLAS's jobs on Numba's threads, and True; or, where that
     cannot be (see the module's docstring), nothing done and False."""
-    blas = _numpy_openblas()
-    if blas is None or not config.CPU_SHARE_BLAS_THREADS or not _pool_can_host(blas):
+    blas, _ = _lendable()
+    if blas is None:
         return False
     blas.set_callback(_callback_address())
     try:
