@@ -16,7 +16,7 @@ import numpy as np
 
 import kernels
 
-from .errors import VaecoreError
+from .errors import VaecoreError, reason
 
 BACKENDS = ("numpy", "cupy", "auto")
 
@@ -127,13 +127,13 @@ def cupy_status():
     except ImportError:
         return False, "CuPy is not installed (pip install 'vaecore[cuda]')"
     except Exception as e:  # a broken CUDA install raises all sorts of errors at import
-        return False, f"CuPy failed to import: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        return False, f"CuPy failed to import: {reason(e)}"
     try:
         if not cupy.is_available():
             return False, "CuPy is installed but no CUDA device is available"
         cupy.cuda.runtime.getDeviceCount()
     except Exception as e:
-        return False, f"CuPy cannot reach a CUDA device: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        return False, f"CuPy cannot reach a CUDA device: {reason(e)}"
     return True, "CUDA device available"
 
 

@@ -14,10 +14,10 @@ import numpy as np
 
 from . import __version__
 from .config import ModelConfig, TrainConfig, from_json, to_json
-from .errors import CheckpointError
+from .errors import CheckpointError, reason
 from .fileio import atomic_path
 from .model import parameter_count
-from .npzread import read_npz_arrays, reason
+from .npzread import read_npz_arrays
 
 FORMAT = "vaecore-checkpoint"
 VERSION = 1

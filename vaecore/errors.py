@@ -16,3 +16,9 @@ class DataError(VaecoreError):
 
 class CheckpointError(VaecoreError):
     """A checkpoint that is missing, corrupt, foreign or from an incompatible version."""
+
+
+def reason(e: Exception) -> str:
+    """An exception as a few words for a one-line error: its message, or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__

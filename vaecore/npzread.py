@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import reason
+
 # What zipfile and the .npy header parser raise for damaged input (RuntimeError: "encrypted").
 DAMAGED = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, TypeError,
            zlib.error, struct.error, RuntimeError, NotImplementedError)
@@ -83,9 +85,3 @@ def _read_member(path, zf, info, error) -> np.ndarray:
     if fortran:
         return np.frombuffer(buf, dtype=dtype).reshape(shape, order="F").copy(order="C")
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
-
-
-def reason(e: Exception) -> str:
-    """An exception as a few words for a one-line error: its message, or its type's name."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else e.__class__.__name__

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from ..errors import reason
 from .configs import BETA1, BETA2, EPS, LR, BenchConfig, fixed_images
 
 INSTALL = "pip install jax"
@@ -23,7 +24,7 @@ def status():
     except ImportError:
         return False, f"JAX is not installed ({INSTALL})"
     except Exception as e:
-        return False, f"JAX failed to import: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        return False, f"JAX failed to import: {reason(e)}"
     return True, f"jax {jax.__version__}"
 
 

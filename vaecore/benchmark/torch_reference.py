@@ -7,6 +7,7 @@ PyTorch is never a dependency of vaecore: everything here imports it lazily, and
 why it cannot run.
 """
 
+from ..errors import reason
 from .configs import BETA1, BETA2, EPS, LR, BenchConfig, fixed_images
 
 INSTALL = "pip install torch==2.13.0"
@@ -19,7 +20,7 @@ def status():
     except ImportError:
         return False, f"PyTorch is not installed ({INSTALL})"
     except Exception as e:   # a broken install raises all sorts of errors at import
-        return False, f"PyTorch failed to import: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        return False, f"PyTorch failed to import: {reason(e)}"
     return True, f"torch {torch.__version__}"
 
 
