@@ -54,6 +54,11 @@ CPU_BLAS_SPIN_SECONDS = 0.25
 #     example-b128                   1.54 -> 1.45 ms (Adam 163 -> 89 us); in a slow phase 2.10 -> 1.94 ms
 #     wide-b512                      33.4 -> 32.8 ms (Adam 1.83 -> 1.50 ms: bound by memory)
 #
+# Even with the cores free, kernels.cpu._SplitChoice runs the parallel kernels on one thread while
+# timing says that is faster: when another process keeps a core busy, every two-thread call waits at
+# its barrier (seed-b4 with a busy loop pinned to one core: 620-1,600 us per step on two threads, 470 on
+# one; with the choice, 521 us, and 295 us once the core is free again).
+#
 # The engine sets no thread-count environment variables and never calls numba.set_num_threads for
 # the process: the pool has numba.get_num_threads() threads, which numba.set_num_threads() lowers,
 # and OpenBLAS's jobs are lent it only while that is at least OpenBLAS's own thread count.

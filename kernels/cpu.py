@@ -680,20 +680,93 @@ _POOL = []                     # [whether Numba's pool keeps its threads ready],
 
 
 def _pooled(kernel, *args):
-    """Runs the prange ``kernel`` on Numba's threads when the cores are free, else on this thread alone.
+    """Runs the prange ``kernel`` on Numba's threads when the cores are free and that is currently the
+    faster way (:class:`_SplitChoice`), else on this thread alone.
 
     Either way it is the same compiled code over the same ``_CHUNKS`` chunks, so the results do not
     depend on which (a resumed run repeats the original bit for bit): a serial twin compiled separately
     may sum a dot product in another order, and did.
     """
-    if _cores_free():
-        return kernel(*args)
+    if not _cores_free() or _SPLIT.next_way():
+        return _on_one_thread(kernel, args)
+    return kernel(*args)
+
+
+def _on_one_thread(kernel, args):
     threads = get_num_threads()
     set_num_threads(1)                   # this thread's setting only
     try:
         return kernel(*args)
     finally:
         set_num_threads(threads)
+
+
+class _SplitChoice:
+    """Whether the parallel kernels run on all threads or on one, chosen by timing both.
+
+    Why: the parallel kernels last 10-100 us and meet at a barrier, so when another process (or the
+    host, under a VM) keeps one core busy, calls wait for the thread that is not running, and Numba's
+    worker, spinning between calls, takes time from this thread's serial work. With a busy loop pinned
+    to one of this machine's two cores, a seed-b4 step took 620-1,600 us on two threads and 470 us on
+    one. Timing the kernel calls alone missed it (their median stayed normal); what shows it is the
+    wall time of a run of ``WINDOW`` calls, which includes everything done between them.
+
+    The faster way runs. After ``FIRST_RETRY`` windows the other is tried: one window to settle (the
+    first steps after a switch run 1.5x slow while caches refill), then one timed window, against the
+    last window of the way in use. A trial twice as slow is cut short (next to a busy core one window
+    of the wrong way took 0.5 s). Each lost trial doubles the wait, up to ``LAST_RETRY`` windows, so
+    the choice follows the machine's load both ways. Windows longer than ``STALE_SECONDS`` (the
+    program did something else between calls) are not counted.
+    """
+    WINDOW, FIRST_RETRY, LAST_RETRY, STALE_SECONDS = 64, 4, 256, 0.5
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.seconds = [math.inf, math.inf]   # per call in the latest timed window: all threads, one
+        self.way = 0                          # the way running now: 0 all threads, 1 one
+        self.phase = "timed-trial"            # "in use", "settling" or "timed-trial"
+        self.calls, self.started = 0, 0.0
+        self.gap = self.wait = self.FIRST_RETRY
+
+    def next_way(self):
+        """The way for the call about to run."""
+        now = self.clock()
+        if self.calls:
+            spent = now - self.started
+            on_trial = self.phase != "in use"
+            limit = (2 if self.phase == "timed-trial" else 4) * self.WINDOW * self.seconds[1 - self.way]
+            if self.calls == self.WINDOW or (on_trial and spent > limit):
+                if spent < self.STALE_SECONDS or on_trial:
+                    self._window_done(spent / self.calls, spent > limit)
+                self.calls = 0
+        if not self.calls:
+            self.started = now
+        self.calls += 1
+        return self.way
+
+    def _window_done(self, per_call, lost_already):
+        way, other = self.way, 1 - self.way
+        if self.phase == "settling" and not lost_already:
+            self.phase = "timed-trial"
+            return
+        if self.phase == "in use":
+            self.seconds[way] = per_call
+            self.wait -= 1
+            if not self.wait:
+                self.way, self.phase = other, "settling"
+            return
+        self.seconds[way] = per_call                  # a trial's timed window, or one cut short
+        if self.seconds[other] == math.inf:           # the very first windows: time both ways
+            self.way = other
+            return
+        lost = lost_already or per_call > self.seconds[other]
+        self.gap = min(2 * self.gap, self.LAST_RETRY) if lost else self.FIRST_RETRY
+        self.wait, self.phase = self.gap, "in use"
+        if lost:
+            self.way = other
+
+
+_SPLIT = _SplitChoice()
 
 
 def _cores_free():

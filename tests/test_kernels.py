@@ -48,10 +48,18 @@ def f32(rng, shape, scale=1.0):
 POOL_MODES = {"serial": (False, False), "pooled-one-thread": (True, False), "pooled-all-threads": (True, True)}
 
 
+class _AllThreads:
+    """Stands in for cpu._SPLIT: every parallel call on all threads, whatever the timings say."""
+    @staticmethod
+    def next_way():
+        return 0
+
+
 def _set_pool_mode(monkeypatch, mode):
     fast, free = POOL_MODES[mode]
     monkeypatch.setattr(cpu, "_pool_is_fast", lambda: fast)
     monkeypatch.setattr(cpu, "_cores_free", lambda: free)
+    monkeypatch.setattr(cpu, "_SPLIT", _AllThreads)
 
 
 def assert_sum_close(actual, expected, n_terms):
@@ -588,3 +596,68 @@ def test_a_blas_call_keeps_the_parallel_kernels_off_until_its_threads_rest(rng, 
     assert not cpu._cores_free()
     monkeypatch.setattr(config, "CPU_BLAS_SPIN_SECONDS", 0.0)
     assert cpu._cores_free() == cpu._pool_is_fast()
+
+
+# -- all threads or one: cpu._SplitChoice -------------------------------------------------------------
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _run_calls(choice, clock, calls, seconds_per_call):
+    """``calls`` parallel calls costing ``seconds_per_call[way]`` each; the ways chosen, in order."""
+    ways = []
+    for _ in range(calls):
+        way = choice.next_way()
+        clock.now += seconds_per_call[way]
+        ways.append(way)
+    return ways
+
+
+def test_split_choice_keeps_all_threads_while_they_are_faster():
+    clock = _Clock()
+    choice = cpu._SplitChoice(clock)
+    ways = _run_calls(choice, clock, 200 * choice.WINDOW, (20e-6, 35e-6))
+    assert ways[:choice.WINDOW] == [0] * choice.WINDOW          # all threads first, then one, to compare
+    assert ways[-100 * choice.WINDOW:].count(1) <= 3 * choice.WINDOW   # one thread only on (rarer) trials
+    assert choice.gap > choice.FIRST_RETRY                      # each lost trial waits longer
+
+
+def test_split_choice_follows_a_busy_core_and_its_end():
+    clock = _Clock()
+    choice = cpu._SplitChoice(clock)
+    _run_calls(choice, clock, 50 * choice.WINDOW, (20e-6, 35e-6))
+    # another process takes a core: all threads now wait at every barrier
+    busy = _run_calls(choice, clock, (choice.LAST_RETRY + 50) * choice.WINDOW, (1e-3, 40e-6))
+    assert busy[-40 * choice.WINDOW:].count(0) < choice.WINDOW   # one thread, but for short trials
+    assert choice.way == 1 or choice.phase != "in use"
+    # and leaves it again
+    idle = _run_calls(choice, clock, (choice.LAST_RETRY + 50) * choice.WINDOW, (20e-6, 35e-6))
+    assert idle[-20 * choice.WINDOW:].count(0) > 18 * choice.WINDOW
+
+
+def test_split_choice_cuts_a_slow_trial_short():
+    clock = _Clock()
+    choice = cpu._SplitChoice(clock)
+    _run_calls(choice, clock, 3 * choice.WINDOW, (1e-3, 40e-6))       # timed both: one thread wins
+    assert choice.way == 1
+    ways = _run_calls(choice, clock, 30 * choice.WINDOW, (1e-3, 40e-6))
+    trial_calls = ways.count(0)
+    assert 0 < trial_calls < choice.WINDOW       # a trial ran, and stopped once twice as slow
+
+
+def test_split_choice_ignores_windows_with_a_pause_in_them():
+    clock = _Clock()
+    choice = cpu._SplitChoice(clock)
+    _run_calls(choice, clock, 2 * choice.WINDOW + 1, (20e-6, 35e-6))  # both timed; a new window begun
+    assert choice.way == 0 and choice.phase == "in use"
+    clock.now += 2 * choice.STALE_SECONDS                            # the program did something else
+    seconds = list(choice.seconds)
+    _run_calls(choice, clock, choice.WINDOW - 1, (20e-6, 35e-6))
+    choice.next_way()
+    assert choice.seconds == seconds
+
