@@ -57,7 +57,7 @@ CPU_BLAS_SPIN_SECONDS = 0.25
 # Even with the cores free, kernels.cpu._SplitChoice runs the parallel kernels on one thread while
 # timing says that is faster: when another process keeps a core busy, every two-thread call waits at
 # its barrier (seed-b4 with a busy loop pinned to one core: 620-1,600 us per step on two threads, 470 on
-# one; with the choice, 521 us, and 295 us once the core is free again).
+# one; with the choice, 468 us, and 291 us once the core is free again).
 #
 # The engine sets no thread-count environment variables and never calls numba.set_num_threads for
 # the process: the pool has numba.get_num_threads() threads, which numba.set_num_threads() lowers,

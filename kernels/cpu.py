@@ -712,13 +712,16 @@ class _SplitChoice:
     wall time of a run of ``WINDOW`` calls, which includes everything done between them.
 
     The faster way runs. After ``FIRST_RETRY`` windows the other is tried: one window to settle (the
-    first steps after a switch run 1.5x slow while caches refill), then one timed window, against the
-    last window of the way in use. A trial twice as slow is cut short (next to a busy core one window
-    of the wrong way took 0.5 s). Each lost trial doubles the wait, up to ``LAST_RETRY`` windows, so
-    the choice follows the machine's load both ways. Windows longer than ``STALE_SECONDS`` (the
-    program did something else between calls) are not counted.
+    first steps after a switch run 1.5x slow while caches refill), then one timed window, which must
+    beat the last window of the way in use by ``MARGIN``. A trial twice as slow is cut short (next to
+    a busy core one window of the wrong way took 0.5 s). Each lost trial doubles the wait, up to
+    ``LAST_RETRY`` windows, so the choice follows the machine's load both ways. Windows longer than
+    ``STALE_SECONDS`` (the program did something else between calls) are not counted.
     """
     WINDOW, FIRST_RETRY, LAST_RETRY, STALE_SECONDS = 64, 4, 256, 0.5
+    # a trial must beat the way in use by this much: at batch 128 the parallel kernels are 5% of a step,
+    # less than a window's noise, and a busy core costs 20-300%
+    MARGIN = 0.05
 
     def __init__(self, clock=time.perf_counter):
         self.clock = clock
@@ -759,7 +762,7 @@ class _SplitChoice:
         if self.seconds[other] == math.inf:           # the very first windows: time both ways
             self.way = other
             return
-        lost = lost_already or per_call > self.seconds[other]
+        lost = lost_already or per_call > (1.0 - self.MARGIN) * self.seconds[other]
         self.gap = min(2 * self.gap, self.LAST_RETRY) if lost else self.FIRST_RETRY
         self.wait, self.phase = self.gap, "in use"
         if lost:
