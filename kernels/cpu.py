@@ -715,10 +715,11 @@ class _SplitChoice:
     first steps after a switch run 1.5x slow while caches refill), then one timed window, which must
     beat the last window of the way in use by ``MARGIN``. A trial twice as slow is cut short (next to
     a busy core one window of the wrong way took 0.5 s). Each lost trial doubles the wait, up to
-    ``LAST_RETRY`` windows, so the choice follows the machine's load both ways. Windows longer than
-    ``STALE_SECONDS`` (the program did something else between calls) are not counted.
+    ``LAST_RETRY`` windows, so the choice follows the machine's load both ways. A window with a pause
+    of ``PAUSE_SECONDS`` between two calls (validation between epochs, say) starts afresh: counted, such
+    a window made a step's calls look twice as slow as they were.
     """
-    WINDOW, FIRST_RETRY, LAST_RETRY, STALE_SECONDS = 64, 4, 256, 0.5
+    WINDOW, FIRST_RETRY, LAST_RETRY, PAUSE_SECONDS = 64, 4, 256, 0.1
     # a trial must beat the way in use by this much: at batch 128 the parallel kernels are 5% of a step,
     # less than a window's noise, and a busy core costs 20-300%
     MARGIN = 0.05
@@ -728,23 +729,24 @@ class _SplitChoice:
         self.seconds = [math.inf, math.inf]   # per call in the latest timed window: all threads, one
         self.way = 0                          # the way running now: 0 all threads, 1 one
         self.phase = "timed-trial"            # "in use", "settling" or "timed-trial"
-        self.calls, self.started = 0, 0.0
+        self.calls, self.started, self.last = 0, 0.0, 0.0
         self.gap = self.wait = self.FIRST_RETRY
 
     def next_way(self):
         """The way for the call about to run."""
         now = self.clock()
+        if self.calls and now - self.last > self.PAUSE_SECONDS:
+            self.calls = 0                            # the program did something else: start afresh
         if self.calls:
             spent = now - self.started
-            on_trial = self.phase != "in use"
             limit = (2 if self.phase == "timed-trial" else 4) * self.WINDOW * self.seconds[1 - self.way]
-            if self.calls == self.WINDOW or (on_trial and spent > limit):
-                if spent < self.STALE_SECONDS or on_trial:
-                    self._window_done(spent / self.calls, spent > limit)
+            if self.calls == self.WINDOW or (self.phase != "in use" and spent > limit):
+                self._window_done(spent / self.calls, spent > limit)
                 self.calls = 0
         if not self.calls:
             self.started = now
         self.calls += 1
+        self.last = now
         return self.way
 
     def _window_done(self, per_call, lost_already):

@@ -653,11 +653,13 @@ def test_split_choice_cuts_a_slow_trial_short():
 def test_split_choice_ignores_windows_with_a_pause_in_them():
     clock = _Clock()
     choice = cpu._SplitChoice(clock)
-    _run_calls(choice, clock, 2 * choice.WINDOW + 1, (20e-6, 35e-6))  # both timed; a new window begun
+    costs = (20e-6, 35e-6)
+    _run_calls(choice, clock, 2 * choice.WINDOW + 1, costs)         # both timed; a new window begun
     assert choice.way == 0 and choice.phase == "in use"
-    clock.now += 2 * choice.STALE_SECONDS                            # the program did something else
-    seconds = list(choice.seconds)
-    _run_calls(choice, clock, choice.WINDOW - 1, (20e-6, 35e-6))
+    _run_calls(choice, clock, 10, costs)
+    clock.now += 2 * choice.PAUSE_SECONDS                            # the program did something else
     choice.next_way()
-    assert choice.seconds == seconds
-
+    clock.now += costs[0]
+    assert choice.calls == 1                                         # so the window starts afresh
+    _run_calls(choice, clock, choice.WINDOW, costs)
+    assert choice.seconds[0] == pytest.approx(costs[0])              # not inflated by the pause
