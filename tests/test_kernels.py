@@ -558,9 +558,10 @@ def test_pooled_matmul_gives_the_same_bits_on_one_thread_or_all(rng, monkeypatch
 
 
 @pytest.mark.parametrize("batch", [1, 4, 6])
-def test_matmul_small_batch_keeps_inf_and_nan_where_blas_does(rng, batch):
+@pytest.mark.parametrize("n_in,n_out", [(9, 5), (784, 400)])      # serial kernels; the forward in parts
+def test_matmul_small_batch_keeps_inf_and_nan_where_blas_does(rng, batch, n_in, n_out):
     """The kernels never pad a block with zero rows: 0 * Inf would put NaN where the product has Inf."""
-    for a, b, shape in _products(rng, batch, 9, 5):
+    for a, b, shape in _products(rng, batch, n_in, n_out):
         a = a.copy(order="K")
         a.flat[0], a.flat[-1] = np.inf, np.nan
         out, ref = np.empty(shape, np.float32), np.empty(shape, np.float32)
