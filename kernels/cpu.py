@@ -479,24 +479,41 @@ def _bias_act_backward(dy, y, code, dpre_out, dbias_out, in_place):
         dbias_out[j] = _f(0.0)
     # Row by row, two simple loops: first the row of dpre (unit stride, a select rather than a
     # branch, so it vectorises: a ReLU's pattern of active units is random and a branch mispredicts
-    # on half of them), then that finished row added into the bias sum.
+    # on half of them), then that finished row added into the bias sum. In place, dpre is read and
+    # written as one array: read as ``dy``, LLVM's run-time check that the two do not overlap fails
+    # (they are the same memory) and the scalar loop runs, 3x slower.
     for i in range(n_rows):
         if code == 0:
             if not in_place:                  # identity in place: dpre is dy already
                 for j in range(n_cols):
                     dpre_out[i, j] = dy[i, j]
         elif code == 1:
-            for j in range(n_cols):
-                d = dy[i, j]                  # loaded unconditionally, so the select vectorises
-                dpre_out[i, j] = d if y[i, j] > _f(0.0) else _f(0.0)
+            if in_place:
+                for j in range(n_cols):
+                    d = dpre_out[i, j]        # loaded unconditionally, so the select vectorises
+                    dpre_out[i, j] = d if y[i, j] > _f(0.0) else _f(0.0)
+            else:
+                for j in range(n_cols):
+                    d = dy[i, j]
+                    dpre_out[i, j] = d if y[i, j] > _f(0.0) else _f(0.0)
         elif code == 2:
-            for j in range(n_cols):
-                t = y[i, j]
-                dpre_out[i, j] = dy[i, j] * (_f(1.0) - t * t)
+            if in_place:
+                for j in range(n_cols):
+                    t = y[i, j]
+                    dpre_out[i, j] = dpre_out[i, j] * (_f(1.0) - t * t)
+            else:
+                for j in range(n_cols):
+                    t = y[i, j]
+                    dpre_out[i, j] = dy[i, j] * (_f(1.0) - t * t)
         else:
-            for j in range(n_cols):
-                s = y[i, j]
-                dpre_out[i, j] = dy[i, j] * s * (_f(1.0) - s)
+            if in_place:
+                for j in range(n_cols):
+                    s = y[i, j]
+                    dpre_out[i, j] = dpre_out[i, j] * s * (_f(1.0) - s)
+            else:
+                for j in range(n_cols):
+                    s = y[i, j]
+                    dpre_out[i, j] = dy[i, j] * s * (_f(1.0) - s)
         for j in range(n_cols):
             dbias_out[j] += dpre_out[i, j]
 
