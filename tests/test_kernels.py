@@ -534,7 +534,8 @@ def _products(rng, batch, n_in, n_out, scale=1.0):
 
 @pytest.mark.parametrize("mode", list(POOL_MODES))
 @pytest.mark.parametrize("batch", MATMUL_BATCHES)
-@pytest.mark.parametrize("n_in,n_out", [(784, 400), (400, 40), (3, 5), (1, 9)])
+# (2, 9000): wide enough for the forward in parts at a batch of 8, with fewer rows of W than parts
+@pytest.mark.parametrize("n_in,n_out", [(784, 400), (400, 40), (3, 5), (1, 9), (2, 9000)])
 def test_matmul_matches_reference(rng, monkeypatch, mode, batch, n_in, n_out):
     _set_pool_mode(monkeypatch, mode)
     for a, b, shape in _products(rng, batch, n_in, n_out):
