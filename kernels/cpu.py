@@ -650,7 +650,10 @@ def _dots(d, W, out, lo, hi):
 # The gradients' kernels in _CHUNKS ranges of rows of W, run through _pooled. The forward splits the
 # sum over the rows of W into _FORWARD_PARTS partial products added in a fixed order (split by columns
 # over two threads it was slower than serial: rows of 200 floats; split this way, the seed network's
-# four forward products took 41 us instead of 63 on the project's 2-core machine).
+# four forward products took 41 us instead of 63 on the project's 2-core machine). Like the others it
+# runs only on a fast pool (kernels/config.py): under the workqueue layer even its one-thread launch
+# made a seed-b4 step 845 us instead of 463. Its sums differ from the serial kernel's in the last bits,
+# so the same run on a machine without a fast pool does not repeat them (resumes there still do).
 _FORWARD_PARTS = 4
 
 
@@ -715,7 +718,7 @@ def matmul_cpu(a, b, out):
             and not np.may_share_memory(out, a) and not np.may_share_memory(out, b)):
         if a.flags.c_contiguous and a.shape[0] <= small:
             if b.flags.c_contiguous:                                  # x @ W
-                if out.size * a.shape[1] >= MATMUL_PARALLEL_MIN:
+                if out.size * a.shape[1] >= MATMUL_PARALLEL_MIN and _pool_is_fast():
                     return _pooled(_rows_times_parallel, a, b, out, _forward_parts(out.shape))
                 return _rows_times(a, b, out)
             if b.flags.f_contiguous:                                  # delta @ W.T
