@@ -851,6 +851,11 @@ def _pool_is_fast():
     return _POOL[0]
 
 
+def parallel_threads():
+    """Threads the parallel kernels take while the cores are free: Numba's count on a fast pool, else 1."""
+    return get_num_threads() if _pool_is_fast() else 1
+
+
 def warm_up():
     """Compiles (or loads from the on-disk cache) every CPU kernel for the engine's argument types."""
     rng = np.random.default_rng(0)

@@ -239,3 +239,17 @@ def test_compare_runs_end_to_end_on_a_tiny_network():
     assert result.ours.median > 0 and result.ceiling.median > 0 and result.ratio() is None
     text = report.format_report(comparison)
     assert "tiny" in text and "machine:" in text and "NumPy's BLAS:" in text
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_threads_note_says_whether_the_parallel_kernels_take_every_core(monkeypatch, fast):
+    """Under the workqueue layer or with one thread, Adam and the small-batch kernels run serially,
+    and the bench's table must not claim otherwise."""
+    import kernels.cpu
+    from vaecore.benchmark.ours import threads_note
+
+    monkeypatch.setattr(kernels.cpu, "_pool_is_fast", lambda: fast)
+    monkeypatch.setattr(kernels.cpu, "get_num_threads", lambda: 2)
+    note = threads_note()
+    assert ("Adam and those kernels on Numba's" in note) == fast
+    assert ("Adam and those kernels on one thread" in note) == (not fast)

@@ -52,9 +52,16 @@ def threads_note():
     import kernels.config
     from kernels import blas_pool
 
+    import numba
+    from kernels.cpu import parallel_threads
+
     threads = kernels.config.cpu_threads()
     lent, why = blas_pool.status()
     blas = (f"on OpenBLAS, its jobs on Numba's {threads} threads" if lent
             else f"on OpenBLAS's own threads ({why})")
+    if parallel_threads() > 1:
+        rest = f"on Numba's {threads} threads while OpenBLAS's own rest"
+    else:
+        rest = f"on one thread (Numba's pool: {threads} thread(s), {numba.threading_layer()} layer)"
     return (f"matmuls of more than {kernels.config.CPU_SMALL_BATCH} rows {blas}; smaller ones in Numba "
-            f"kernels; Adam and those kernels on Numba's {threads} threads while OpenBLAS's own rest")
+            f"kernels; Adam and those kernels {rest}")
