@@ -30,7 +30,7 @@ class KernelTable:
     bernoulli_nll_grad: Callable         # (logits, x, grad_scale, dlogits_out) -> nll_sum
     gaussian_nll_grad: Callable          # (mean, x, logvar: float, grad_scale, dmean_out) -> nll_sum
     gaussian_learned_nll_grad: Callable  # (out, x, grad_scale, dout_out) -> nll_sum
-    adam_step: Callable                  # (params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, clip_norm) -> grad_norm
+    adam_step: Callable                  # (params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, clip_norm, blocks) -> grad_norm
     matmul: Callable                     # (a, b, out) -> None, out[...] = a @ b
     bias_act: Callable                   # (h, bias, activation) -> None, in place
     bias_act_backward: Callable          # (dy, y, activation, dpre_out, dbias_out) -> None

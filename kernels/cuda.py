@@ -356,7 +356,7 @@ def gaussian_learned_nll_grad_cuda(out, x, grad_scale, dout_out):
 
 
 def adam_step_cuda(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                   weight_decay=0.0, clip_norm=0.0):
+                   weight_decay=0.0, clip_norm=0.0, blocks=None):
     shape = params.shape if getattr(params, "ndim", 0) == 1 else (-1,)
     for name, a in (("params", params), ("grads", grads), ("m", m), ("v", v)):
         _check(name, a, shape)

@@ -331,6 +331,48 @@ def test_parallel_adam_matches_serial(rng, monkeypatch):
             np.testing.assert_array_equal(a, b)                   # so a resumed run repeats bit for bit
 
 
+def _layer_blocks(dims):
+    """The (offset, n_in, n_out) rows of [W; b] blocks of these (n_in, n_out) layers, and their total size."""
+    rows, offset = [], 0
+    for n_in, n_out in dims:
+        rows.append((offset, n_in, n_out))
+        offset += (n_in + 1) * n_out
+    return np.array(rows, np.int64), offset
+
+
+@pytest.mark.parametrize("dims", [[(784, 400), (400, 40), (20, 400), (400, 784)], [(3, 5), (600, 700)]])
+def test_adam_by_layer_rows_updates_every_element_as_the_flat_kernel(rng, monkeypatch, dims):
+    """``blocks`` only changes which thread updates which element: the same bits in every mode, and
+    the same norm up to float32 rounding (its float32 partial sums start at other elements)."""
+    blocks, n = _layer_blocks(dims)
+    params, grads = f32(rng, n), f32(rng, n, 0.1)
+    runs = {}
+    for mode in POOL_MODES:
+        for hint in (None, blocks):
+            _set_pool_mode(monkeypatch, mode)
+            state = [params.copy(), np.full(n, 0.01, np.float32), np.full(n, 0.02, np.float32)]
+            norm = cpu.adam_step_cpu(state[0], grads, *state[1:], 3, 1e-3, weight_decay=0.1, blocks=hint)
+            runs[mode, hint is None] = norm, state
+    serial_norm, serial_state = runs["serial", True]
+    for norm, state in runs.values():
+        assert norm == pytest.approx(serial_norm, rel=1e-6)
+        for a, b in zip(state, serial_state):
+            np.testing.assert_array_equal(a, b)
+    ref = [params.copy(), np.full(n, 0.01, np.float32), np.full(n, 0.02, np.float32)]
+    adam_step_reference(ref[0], grads, ref[1], ref[2], 3, 1e-3, weight_decay=0.1, blocks=blocks)
+    np.testing.assert_allclose(serial_state[0], ref[0], rtol=RTOL, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks", [np.array([[0, 3, 4]], np.int64),                # covers 16 of 20
+                                    np.array([[0, 3, 4], [17, 0, 1]], np.int64),     # a gap, n_in 0
+                                    np.array([[0, 3, 5]], np.int32),                 # not int64
+                                    np.zeros((0, 3), np.int64)])
+def test_adam_refuses_blocks_that_do_not_tile_the_buffer(blocks):
+    z = np.zeros(20, np.float32)
+    with pytest.raises(ValueError, match="blocks"):
+        cpu.adam_step_cpu(z.copy(), z.copy(), z.copy(), z.copy(), 1, 1e-3, blocks=blocks)
+
+
 def test_adam_flushes_subnormal_moments_to_zero():
     """Where the gradient stays 0, m decays by beta1 per step into float32's subnormal range, where
     arithmetic is slow; the CPU kernel stores 0 instead, and keeps every normal value as the reference."""

@@ -65,6 +65,13 @@ def backward_layers(backend, layers, x, outputs, deltas, dx_out):
             backend.matmul(delta, layer.W.T, below)
 
 
+def _block_rows(specs):
+    offset = 0
+    for n_in, n_out, _ in specs:
+        yield offset, n_in, n_out
+        offset += (n_in + 1) * n_out
+
+
 def parameter_count(config: ModelConfig):
     return sum(n_in * n_out + n_out for n_in, n_out, _ in layer_dims(config)[0])
 
@@ -98,6 +105,8 @@ class VAE:
         self.params = backend.zeros((self.n_params,))
         self.grads = backend.zeros((self.n_params,))
         self._layer_specs = specs
+        # (offset, n_in, n_out) of every [W; b] block in the flat buffers: Adam's layout hint (kernels/adam.py)
+        self.param_blocks = np.array(list(_block_rows(specs)), dtype=np.int64).reshape(-1, 3)
         self.layers = [Dense(w, b, dw, db, act) for (w, b), (dw, db), (_, _, act)
                        in zip(self.layer_views(self.params), self.layer_views(self.grads), specs)]
         self._workspaces = {}

@@ -15,8 +15,9 @@ class Adam:
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
         self.weight_decay, self.clip_norm = weight_decay, clip_norm
 
-    def step(self, params, grads):
-        """Updates ``params`` in place; returns the gradient norm before clipping."""
+    def step(self, params, grads, blocks=None):
+        """Updates ``params`` in place; returns the gradient norm before clipping. ``blocks``, the
+        model's ``param_blocks``, only tells the CPU kernel how to share the work among threads."""
         self.t += 1
         return self.backend.kernels.adam_step(params, grads, self.m, self.v, self.t, self.lr, self.beta1,
-                                              self.beta2, self.eps, self.weight_decay, self.clip_norm)
+                                              self.beta2, self.eps, self.weight_decay, self.clip_norm, blocks)

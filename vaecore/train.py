@@ -107,7 +107,7 @@ class Trainer:
         else:
             rec, kl = model.loss(ws, grad_scale=scale)
             model.backward(ws, kl_weight=kl_weight, grad_scale=scale)
-        grad_norm = self.optimizer.step(model.params, model.grads)
+        grad_norm = self.optimizer.step(model.params, model.grads, model.param_blocks)
         return rec, kl, grad_norm
 
     def kl_weight(self, epoch, step, steps):
