@@ -459,10 +459,8 @@ def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-
     The update runs in float32 with the reference's constants, flushing subnormal moments to zero
     (see ``_TINY``); the norm is summed in float32 blocks added in float64 (see ``_SUM_BLOCK``).
     Over every core while OpenBLAS's threads are idle (see ``_pooled``): given the layers' ``blocks``,
-    each thread takes the rows of every layer that the small-batch gradient kernels gave it. With 16
-    equal slices of the flat buffer instead, a seed-b4 step took 500-590 us against 333-342 us in the
-    machine's slow phases, when data written on one core is slow to reach the other (the same in
-    normal phases).
+    each thread takes the rows of every layer that the small-batch gradient kernels gave it (see
+    kernels/config.py: in the machine's slow phases that made a seed-b4 step 352 us instead of 541).
     """
     shape = params.shape if isinstance(params, np.ndarray) and params.ndim == 1 else (-1,)
     _check("params", params, shape)
