@@ -65,13 +65,6 @@ def backward_layers(backend, layers, x, outputs, deltas, dx_out):
             backend.matmul(delta, layer.W.T, below)
 
 
-def _block_rows(specs):
-    offset = 0
-    for n_in, n_out, _ in specs:
-        yield offset, n_in, n_out
-        offset += (n_in + 1) * n_out
-
-
 def parameter_count(config: ModelConfig):
     return sum(n_in * n_out + n_out for n_in, n_out, _ in layer_dims(config)[0])
 
@@ -105,8 +98,13 @@ class VAE:
         self.params = backend.zeros((self.n_params,))
         self.grads = backend.zeros((self.n_params,))
         self._layer_specs = specs
-        # (offset, n_in, n_out) of every [W; b] block in the flat buffers: Adam's layout hint (kernels/adam.py)
-        self.param_blocks = np.array(list(_block_rows(specs)), dtype=np.int64).reshape(-1, 3)
+        # (offset, n_in, n_out) of every layer's [W; b] block in the flat buffers (also Adam's layout
+        # hint, kernels/adam.py)
+        blocks, offset = [], 0
+        for n_in, n_out, _ in specs:
+            blocks.append((offset, n_in, n_out))
+            offset += (n_in + 1) * n_out
+        self.param_blocks = np.array(blocks, np.int64)
         self.layers = [Dense(w, b, dw, db, act) for (w, b), (dw, db), (_, _, act)
                        in zip(self.layer_views(self.params), self.layer_views(self.grads), specs)]
         self._workspaces = {}
@@ -114,11 +112,11 @@ class VAE:
 
     def layer_views(self, flat):
         """(W, b) views of every layer into ``flat``, a buffer laid out like ``params``."""
-        views, offset = [], 0
-        for n_in, n_out, _ in self._layer_specs:
-            w = self.backend.xp.reshape(flat[offset:offset + n_in * n_out], (n_in, n_out))
-            views.append((w, flat[offset + n_in * n_out:offset + n_in * n_out + n_out]))
-            offset += n_in * n_out + n_out
+        views = []
+        for offset, n_in, n_out in self.param_blocks.tolist():
+            bias_at = offset + n_in * n_out
+            views.append((self.backend.xp.reshape(flat[offset:bias_at], (n_in, n_out)),
+                          flat[bias_at:bias_at + n_out]))
         return views
 
     def initialize(self, seed):
@@ -128,12 +126,10 @@ class VAE:
         """
         rng = np.random.default_rng(seed)
         host = np.empty(self.n_params, dtype=np.float32)
-        offset = 0
-        for n_in, n_out, _ in self._layer_specs:
-            size = n_in * n_out + n_out
+        for offset, n_in, n_out in self.param_blocks.tolist():
+            size = (n_in + 1) * n_out
             bound = 1.0 / math.sqrt(n_in)
             host[offset:offset + size] = rng.uniform(-bound, bound, size)
-            offset += size
         self.backend.copy_from_host(self.params, host)
 
     @property

@@ -49,10 +49,10 @@ class OurStep:
 
 def threads_note():
     """How our step uses the cores (the policy is in ``kernels/config.py``)."""
+    import numba
+
     import kernels.config
     from kernels import blas_pool
-
-    import numba
     from kernels.cpu import parallel_threads
 
     threads = kernels.config.cpu_threads()
