@@ -401,26 +401,12 @@ def _adam_serial(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr
 
 
 @njit(**_JIT_PARALLEL)
-def _adam_parallel(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, n_chunks):
-    """Chunks of whole _SUM_BLOCK blocks: the element-wise update is the same whichever thread runs a
-    chunk (and the norm's float64 total is summed per chunk, so it differs from _adam_serial's in
-    the last bits; clipping never uses it)."""
-    n = params.size
-    n_blocks = (n + _SUM_BLOCK - 1) // _SUM_BLOCK
-    acc = 0.0
-    for c in prange(n_chunks):
-        lo = c * n_blocks // n_chunks * _SUM_BLOCK
-        hi = min((c + 1) * n_blocks // n_chunks * _SUM_BLOCK, n)
-        acc += _adam_serial(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], beta1, beta2, c1, c2,
-                            step_size, root_corr, eps, decay)
-    return acc
-
-
-@njit(**_JIT_PARALLEL)
-def _adam_parallel_by_rows(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay,
-                           blocks, n_chunks):
+def _adam_parallel(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, blocks,
+                   n_chunks):
     """Chunk c updates the c-th range of rows of every layer's W -- the rows that chunk c of the
-    small-batch gradient kernels wrote, on the same thread -- and the last chunk the biases too."""
+    small-batch gradient kernels wrote, on the same thread -- and the last chunk the biases too. The
+    update is element-wise, so it is the same whichever thread runs a chunk (the norm's float64 total
+    is summed per chunk, so it differs from _adam_serial's in the last bits; clipping never uses it)."""
     acc = 0.0
     for c in prange(n_chunks):
         for layer in range(blocks.shape[0]):
@@ -430,6 +416,18 @@ def _adam_parallel_by_rows(params, grads, m, v, beta1, beta2, c1, c2, step_size,
             acc += _adam_serial(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], beta1, beta2, c1, c2,
                                 step_size, root_corr, eps, decay)
     return acc
+
+
+_WHOLE_BUFFERS = {}
+
+
+def _whole_buffer(n):
+    """``blocks`` for a buffer of ``n`` parameters with no layout given: one block of n - 1 rows of one
+    element and a last "bias" row, so the chunks are 16 equal slices (made once per size)."""
+    blocks = _WHOLE_BUFFERS.get(n)
+    if blocks is None:
+        blocks = _WHOLE_BUFFERS[n] = np.array([[0, n - 1, 1]], np.int64)
+    return blocks
 
 
 @njit(**_JIT)
@@ -483,12 +481,10 @@ def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-
         norm, scale = None, 1.0
     c1, c2 = (1.0 - b1) * scale, (1.0 - b2) * scale * scale
     args = (params, grads, m, v, b1, b2, c1, c2, step_size, root_corr, float(eps), decay)
-    if not pooled:
-        sq = _adam_serial(*args)
-    elif blocks is None:
-        sq = _pooled(_adam_parallel, *args, _CHUNKS)
+    if pooled:
+        sq = _pooled(_adam_parallel, *args, _whole_buffer(params.size) if blocks is None else blocks, _CHUNKS)
     else:
-        sq = _pooled(_adam_parallel_by_rows, *args, blocks, _CHUNKS)
+        sq = _adam_serial(*args)
     return math.sqrt(sq) if norm is None else norm
 
 
@@ -792,17 +788,18 @@ def matmul_cpu(a, b, out):
             and out.flags.c_contiguous and out.size and a.shape[1] == b.shape[0] and a.shape[1]
             and out.shape == (a.shape[0], b.shape[1])
             and not np.may_share_memory(out, a) and not np.may_share_memory(out, b)):
+        parallel = out.size * a.shape[1] >= MATMUL_PARALLEL_MIN and _pool_is_fast()
         if a.flags.c_contiguous and a.shape[0] <= small:
             if b.flags.c_contiguous:                                  # x @ W
-                if out.size * a.shape[1] >= MATMUL_PARALLEL_MIN and _pool_is_fast():
+                if parallel:
                     return _pooled(_rows_times_parallel, a, b, out, _forward_parts(out.shape))
                 return _rows_times(a, b, out)
             if b.flags.f_contiguous:                                  # delta @ W.T
-                if out.size * a.shape[1] >= MATMUL_PARALLEL_MIN and _pool_is_fast():
+                if parallel:
                     return _pooled(_dots_parallel, a, b.T, out, _CHUNKS)
                 return _dots(a, b.T, out, 0, b.shape[1])
         if a.flags.f_contiguous and a.shape[1] <= small and b.flags.c_contiguous:   # x.T @ delta
-            if out.size * a.shape[1] >= MATMUL_PARALLEL_MIN and _pool_is_fast():
+            if parallel:
                 return _pooled(_rank_update_parallel, a.T, b, out, _CHUNKS)
             return _rank_update(a.T, b, out, 0, a.shape[0])
     if not (_pool_is_fast() and blas_pool.matmul(a, b, out)):
@@ -922,7 +919,8 @@ def _pool_is_fast():
     wakes its sleeping threads too slowly to pay for a ~100 us kernel (see kernels/config.py)."""
     if not _POOL:
         p = np.zeros(64, np.float32)
-        _adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, 0.0, 2)   # starts the pool
+        # starts the pool
+        _adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, 0.0, _whole_buffer(64), 2)
         _POOL.append(get_num_threads() > 1 and threading_layer() in ("omp", "tbb"))
     return _POOL[0]
 
@@ -949,9 +947,7 @@ def warm_up():
     p = np.zeros(16, np.float32)
     adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3)
     adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3, clip_norm=1.0)
-    _adam_parallel_by_rows(p, p.copy(), p.copy(), p.copy(), 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, 0.0,
-                           np.array([[0, 3, 4]], np.int64), 2)
-    _blocks_tile(np.array([[0, 3, 4]], np.int64), 16)
+    adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3, blocks=np.array([[0, 3, 4]], np.int64))
     x, w, d = np.ones((5, 4), np.float32), np.ones((4, 3), np.float32), np.ones((5, 3), np.float32)
     _rows_times(x, w, np.empty((5, 3), np.float32))
     _rank_update(x, d, np.empty((4, 3), np.float32), 0, 4)
