@@ -146,7 +146,7 @@ def _lendable():
         return None, _STATE[0][1]
     if not config.CPU_SHARE_BLAS_THREADS:
         return None, "kernels.config.CPU_SHARE_BLAS_THREADS is off"
-    if _layer() not in ("omp", "tbb"):
+    if _layer() not in config.FAST_LAYERS:
         return None, f"Numba's threading layer is {_layer()}; the pool is lent only with omp or tbb"
     if blas.threads() > get_num_threads():
         return None, f"OpenBLAS wants {blas.threads()} threads, Numba gives this thread {get_num_threads()}"
@@ -175,5 +175,5 @@ def matmul(a, b, out):
 
 def warm_up():
     """Finds NumPy's OpenBLAS and compiles (or loads) the callback, where the pool can be lent."""
-    if _numpy_openblas() is not None and _layer() in ("omp", "tbb"):
+    if _numpy_openblas() is not None and _layer() in config.FAST_LAYERS:
         _callback_address()

@@ -30,6 +30,10 @@ CPU_SMALL_BATCH = 8
 # core right after a matmul. Off, or where NumPy's BLAS cannot do it, the rule below decides.
 CPU_SHARE_BLAS_THREADS = True
 
+# Numba threading layers whose threads wait ready between parallel calls; only these run the parallel
+# kernels and take OpenBLAS's jobs (workqueue wakes sleeping threads per call, see below).
+FAST_LAYERS = ("omp", "tbb")
+
 # Adam and the parallel kernels spread over Numba's threads only while OpenBLAS's own threads are idle:
 # when kernels.cpu.matmul_cpu has not woken them for this many seconds. After a call OpenBLAS's workers
 # spin for about 0.1 s (measured: a step that followed one straight away ran 10x slower with a parallel

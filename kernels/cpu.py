@@ -921,7 +921,7 @@ def _pool_is_fast():
         p = np.zeros(64, np.float32)
         # starts the pool
         _adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, 0.0, _whole_buffer(64), 2)
-        _POOL.append(get_num_threads() > 1 and threading_layer() in ("omp", "tbb"))
+        _POOL.append(get_num_threads() > 1 and threading_layer() in config.FAST_LAYERS)
     return _POOL[0]
 
 
