@@ -6,20 +6,34 @@ with a spinning worker, and steps measured 10x slower; so before this module the
 kernels on one thread whenever BLAS had run recently, which at a batch above
 ``config.CPU_SMALL_BATCH`` was always.
 
-OpenBLAS 0.3.27 added caller-managed threading: ``openblas_set_threads_callback_function`` installs a
-function that OpenBLAS hands its jobs to instead of waking its workers. :func:`matmul` installs ours
-around one ``np.matmul``: it runs the jobs on Numba's pool, one job per thread (OpenBLAS's threaded
-GEMM jobs wait for each other, so they must run at once, never one after another), and removes it
-again, so no other BLAS call in the process is affected. OpenBLAS splits the work exactly as it would
-for its own threads, so the product is the same bit for bit (tested). With OpenBLAS's own workers
-never woken, they stay asleep, and Numba's kernels can take every core right after a matmul.
+:func:`matmul` does it one of two ways, the first where it can:
+
+1. **Split** (``config.CPU_BLAS_SPLIT``): the product is cut into one part per Numba thread, by rows of
+   the output when it has at least as many rows as columns, else by columns, and each thread computes
+   its part in a one-thread OpenBLAS call (``openblas_set_num_threads_local``, OpenBLAS >= 0.3.27, set
+   for that call alone). The threads share nothing: OpenBLAS's own threading shares packed panels of
+   the operands between its threads, and moving them between the two cores of the project's machine
+   cost more than packing twice: the example-b128 step's products 1,115 -> 1,046 us, its whole step
+   1,351 -> 1,290 us, wide-b512's products within 1% (kernels/config.py). The parts are the same
+   whichever thread runs them, so the bits depend only on the number of threads (as OpenBLAS's own
+   threading's do), and equal one-thread OpenBLAS calls on the parts (tested).
+2. **Callback**: OpenBLAS 0.3.27 added caller-managed threading: ``openblas_set_threads_callback_function``
+   installs a function that OpenBLAS hands its jobs to instead of waking its workers. It is installed
+   around one ``np.matmul`` and runs the jobs on Numba's pool, one job per thread (OpenBLAS's threaded
+   GEMM jobs wait for each other, so they must run at once, never one after another), then removed
+   again, so no other BLAS call in the process is affected. OpenBLAS splits the work exactly as it
+   would for its own threads, so the product is the same bit for bit (tested).
+
+Either way OpenBLAS's own workers are never woken, they stay asleep, and Numba's kernels can take every
+core right after a matmul.
 
 :func:`matmul` declines (the caller then runs a plain ``np.matmul`` on OpenBLAS's own threads) when
-NumPy's BLAS is not an OpenBLAS with the callback; when OpenBLAS wants more threads than this thread's
-Numba setting (``numba.get_num_threads``) gives; when the pool is not an OpenMP/TBB one (the workqueue
+NumPy's BLAS is not an OpenBLAS with the callback; when the pool is not an OpenMP/TBB one (the workqueue
 layer cannot run two launches at once, and a second Python thread calling BLAS would be one); or when
-``OMP_DYNAMIC`` or ``OMP_THREAD_LIMIT`` may hand the pool fewer threads than asked for. In the last
-three cases two jobs could land on one thread and wait for each other forever.
+``OMP_DYNAMIC`` or ``OMP_THREAD_LIMIT`` may hand the pool fewer threads than asked for. The callback
+also declines when OpenBLAS wants more threads than this thread's Numba setting
+(``numba.get_num_threads``) gives. In those cases two jobs could land on one thread and wait for each
+other forever.
 """
 
 import ctypes
@@ -78,6 +92,90 @@ def _callback_address():
     return _CALLBACK[0].address
 
 
+# -- the split ------------------------------------------------------------------------------------------
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112      # CBLAS's enum values
+
+
+@intrinsic
+def _call_sgemm(typingctx, sgemm, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc):
+    """``C = op(A) @ op(B)`` (row-major, alpha 1, beta 0) through the ``cblas_sgemm`` at address
+    ``sgemm``, with 64-bit integers as in NumPy's wheels (ILP64); the operands are addresses."""
+    def codegen(context, builder, signature, args):
+        fn, ta, tb, m, n, k, a, lda, b, ldb, c, ldc = args
+        i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+        ptr = f32.as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i64, i64, i64, f32, ptr, i64, ptr, i64, f32,
+                                               ptr, i64])
+        builder.call(builder.inttoptr(fn, fnty.as_pointer()),
+                     [i32(_ROW_MAJOR), builder.trunc(ta, i32), builder.trunc(tb, i32), m, n, k, f32(1.0),
+                      builder.inttoptr(a, ptr), lda, builder.inttoptr(b, ptr), ldb, f32(0.0),
+                      builder.inttoptr(c, ptr), ldc])
+        return context.get_dummy_value()
+
+    return types.void(*(types.int64,) * 12), codegen
+
+
+@intrinsic
+def _call_set_threads(typingctx, setter, n):
+    """``openblas_set_num_threads_local(n)`` at address ``setter``: this thread's count, 0 to unset."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        fn = builder.inttoptr(args[0], ir.FunctionType(i32, [i32]).as_pointer())
+        builder.call(fn, [builder.trunc(args[1], i32)])
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64), codegen
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _run_parts(sgemm, set_threads, n_parts, by_rows, a, trans_a, b, trans_b, c):
+    """``c = op(a) @ op(b)`` of C-contiguous ``a``, ``b``, ``c`` (op transposes where asked) in ``n_parts``
+    ranges of c's rows (or columns), each a one-thread OpenBLAS call on whichever thread takes it."""
+    m, n = c.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    lda, ldb = a.shape[1], b.shape[1]
+    a0, b0, c0 = a.ctypes.data, b.ctypes.data, c.ctypes.data
+    for q in prange(n_parts):
+        if by_rows:
+            lo, hi = q * m // n_parts, (q + 1) * m // n_parts
+            a_q, b_q, c_q = a0 + 4 * lo * (1 if trans_a else lda), b0, c0 + 4 * lo * n
+            m_q, n_q = hi - lo, n
+        else:
+            lo, hi = q * n // n_parts, (q + 1) * n // n_parts
+            a_q, b_q, c_q = a0, b0 + 4 * lo * (ldb if trans_b else 1), c0 + 4 * lo
+            m_q, n_q = m, hi - lo
+        if m_q > 0 and n_q > 0:
+            _call_set_threads(set_threads, 1)
+            _call_sgemm(sgemm, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
+                        m_q, n_q, k, a_q, lda, b_q, ldb, c_q, n)
+            _call_set_threads(set_threads, 0)
+
+
+def _stored(x):
+    """(x's C-contiguous storage, whether x is its transpose) for a 2-D float32 operand, or (None, 0)."""
+    if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.dtype == np.float32):
+        return None, 0
+    if x.flags.c_contiguous:
+        return x, 0
+    if x.flags.f_contiguous:
+        return x.T, 1
+    return None, 0
+
+
+def _split(blas, a, b, out):
+    """``out = a @ b`` in one part per Numba thread (see the module's docstring), and True; or False
+    where the layouts are not ones it handles."""
+    a_c, trans_a = _stored(a)
+    b_c, trans_b = _stored(b)
+    if (a_c is None or b_c is None or not (isinstance(out, np.ndarray) and out.dtype == np.float32
+                                           and out.ndim == 2 and out.flags.c_contiguous)
+            or a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]) or not (out.size and a.shape[1])
+            or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+        return False
+    _run_parts(blas.sgemm, blas.set_threads, get_num_threads(), out.shape[0] >= out.shape[1], a_c, trans_a, b_c,
+               trans_b, out)
+    return True
+
 # -- finding NumPy's OpenBLAS ---------------------------------------------------------------------------
 
 class _OpenBLAS:
@@ -95,8 +193,22 @@ class _OpenBLAS:
                 self.set_callback.argtypes, self.set_callback.restype = [ctypes.c_void_p], None
                 self.threads = getattr(lib, getter)
                 self.threads.argtypes, self.threads.restype = [], ctypes.c_int
+                self.sgemm, self.set_threads = self._split_functions(lib, prefix, suffix)
                 return
         raise LookupError("NumPy's OpenBLAS has no openblas_set_threads_callback_function (it needs >= 0.3.27)")
+
+    @staticmethod
+    def _split_functions(lib, prefix, suffix):
+        """Addresses of ``cblas_sgemm`` and ``openblas_set_num_threads_local``, or (None, None): the
+        split is only for 64-bit-integer builds (``64_``, as NumPy's wheels are). NumPy's 0.3.31 exports
+        the second without the ``scipy_`` prefix."""
+        sgemm = f"{prefix}cblas_sgemm{suffix}"
+        local = [name for name in (f"{prefix}openblas_set_num_threads_local{suffix}",
+                                   "openblas_set_num_threads_local") if hasattr(lib, name)]
+        if suffix != "64_" or not hasattr(lib, sgemm) or not local:
+            return None, None
+        address = ctypes.cast(getattr(lib, sgemm), ctypes.c_void_p).value
+        return address, ctypes.cast(getattr(lib, local[0]), ctypes.c_void_p).value
 
 
 _STATE = []      # [(_OpenBLAS or None, why)], once known
@@ -148,22 +260,39 @@ def _lendable():
         return None, "kernels.config.CPU_SHARE_BLAS_THREADS is off"
     if _layer() not in config.FAST_LAYERS:
         return None, f"Numba's threading layer is {_layer()}; the pool is lent only with omp or tbb"
-    if blas.threads() > get_num_threads():
-        return None, f"OpenBLAS wants {blas.threads()} threads, Numba gives this thread {get_num_threads()}"
     return blas, None
 
 
+def _splits(blas):
+    return config.CPU_BLAS_SPLIT and blas.sgemm is not None
+
+
+def _callback_fits(blas):
+    """Whether Numba gives this thread a thread for each of the jobs OpenBLAS may make."""
+    return blas.threads() <= get_num_threads()
+
+
 def status():
-    """(whether the engine's BLAS matmuls run on Numba's pool, why or why not), for ``bench``'s notes."""
+    """(whether the engine's BLAS matmuls run on Numba's pool, how or why not), for ``bench``'s notes."""
     blas, why = _lendable()
-    return blas is not None, why or _STATE[0][1]
+    if blas is not None and _splits(blas):
+        return True, f"each split into one one-thread OpenBLAS call per Numba thread ({get_num_threads()})"
+    if blas is not None and _callback_fits(blas):
+        return True, f"OpenBLAS's jobs on Numba's {get_num_threads()} threads"
+    if blas is not None:
+        why = f"OpenBLAS wants {blas.threads()} threads, Numba gives this thread {get_num_threads()}"
+    return False, why
 
 
 def matmul(a, b, out):
-    """``np.matmul(a, b, out=out)`` with OpenBLAS's jobs on Numba's threads, and True; or, where that
-    cannot be (see the module's docstring), nothing done and False."""
+    """``np.matmul(a, b, out=out)`` split over Numba's threads or with OpenBLAS's jobs on them, and
+    True; or, where neither can be (see the module's docstring), nothing done and False."""
     blas, _ = _lendable()
     if blas is None:
+        return False
+    if _splits(blas) and _split(blas, a, b, out):
+        return True
+    if not _callback_fits(blas):
         return False
     blas.set_callback(_callback_address())
     try:
@@ -174,6 +303,8 @@ def matmul(a, b, out):
 
 
 def warm_up():
-    """Finds NumPy's OpenBLAS and compiles (or loads) the callback, where the pool can be lent."""
+    """Finds NumPy's OpenBLAS and compiles (or loads) the split's kernel and the callback, where the
+    pool can be lent."""
     if _numpy_openblas() is not None and _layer() in config.FAST_LAYERS:
+        _run_parts(0, 0, 0, True, *(np.zeros((0, 0), np.float32), 0) * 2, np.zeros((0, 0), np.float32))
         _callback_address()

@@ -1,19 +1,26 @@
-"""OpenBLAS's jobs on Numba's threads (kernels/blas_pool.py): the same products, bit for bit, the work
-really on Numba's thread, and a plain matmul wherever the pool cannot be lent."""
+"""OpenBLAS's matmuls on Numba's threads (kernels/blas_pool.py): split into one-thread calls per part,
+or OpenBLAS's own jobs through its callback; the bits each way promises, the work really on Numba's
+thread, and a plain matmul wherever the pool cannot be lent."""
 
 import os
 import threading
 import time
 
+import contextlib
+
 import numba
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from kernels import blas_pool, config, cpu
 
 cpu.warm_up()          # starts Numba's pool and compiles the callback where it can be used
 LENT, WHY = blas_pool.status()
 needs_lending = pytest.mark.skipif(not LENT, reason=f"the pool cannot be lent here: {WHY}")
+SPLITS = LENT and blas_pool._numpy_openblas().sgemm is not None
+needs_split = pytest.mark.skipif(not SPLITS, reason="NumPy's OpenBLAS is not a 64-bit-integer build with "
+                                                    f"openblas_set_num_threads_local ({WHY})")
 
 
 def _products(rng):
@@ -26,13 +33,79 @@ def _products(rng):
 
 
 @needs_lending
-def test_lent_pool_gives_blas_its_own_bits(monkeypatch):
+def test_callback_gives_blas_its_own_bits(monkeypatch):
+    monkeypatch.setattr(config, "CPU_BLAS_SPLIT", False)
     rng = np.random.default_rng(7)
     for a, b in _products(rng):
         expected = np.matmul(a, b)                    # OpenBLAS's own threads
         out = np.full_like(expected, np.nan)
         assert blas_pool.matmul(a, b, out)
         np.testing.assert_array_equal(out, expected)
+
+
+def _one_thread_parts(a, b, n_parts):
+    """a @ b as the split computes it: OpenBLAS on one thread, per range of rows (or columns)."""
+    m, n = a.shape[0], b.shape[1]
+    b = b.T.copy().T if b.flags.f_contiguous else b.copy()   # same layout, but NumPy does a @ a.T by syrk
+    with threadpool_limits(1, user_api="blas"):
+        if m >= n:
+            return np.concatenate([a[q * m // n_parts:(q + 1) * m // n_parts] @ b for q in range(n_parts)])
+        return np.concatenate([a @ b[:, q * n // n_parts:(q + 1) * n // n_parts] for q in range(n_parts)], axis=1)
+
+
+@needs_split
+def test_split_gives_one_thread_blas_bits_of_each_part():
+    rng = np.random.default_rng(9)
+    small = rng.standard_normal((5, 3), np.float32), rng.standard_normal((3, 9), np.float32)
+    for threads in sorted({1, numba.get_num_threads()}):       # one part per thread, even just one
+        with numba_threads(threads):
+            for a, b in [*_products(rng), small, (small[1].T, small[0].T)]:
+                out = np.full((a.shape[0], b.shape[1]), np.nan, np.float32)
+                assert blas_pool.matmul(a, b, out)
+                np.testing.assert_array_equal(out, _one_thread_parts(a, b, threads))
+
+
+@needs_split
+def test_split_bits_do_not_depend_on_which_thread_runs_a_part():
+    rng = np.random.default_rng(10)
+    blas = blas_pool._numpy_openblas()
+    for a, b in _products(rng)[:3]:
+        expected = _one_thread_parts(a, b, 3)
+        for threads in (1, numba.get_num_threads()):
+            with numba_threads(threads):
+                for by_rows in (True, False):
+                    if by_rows != (a.shape[0] >= b.shape[1]):
+                        continue
+                    out = np.full_like(expected, np.nan)
+                    a_c, ta = (a, 0) if a.flags.c_contiguous else (a.T, 1)
+                    b_c, tb = (b, 0) if b.flags.c_contiguous else (b.T, 1)
+                    blas_pool._run_parts(blas.sgemm, blas.set_threads, 3, by_rows, a_c, ta, b_c, tb, out)
+                    np.testing.assert_array_equal(out, expected)
+
+
+@needs_split
+def test_split_declines_what_it_does_not_handle_and_the_callback_computes_it():
+    blas = blas_pool._numpy_openblas()
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for x, y, out in [(a.astype(np.float64), a.T, np.empty((3, 3))),          # not float32
+                      (a[:, ::2], a[:, ::2].T, np.empty((3, 3), np.float32)),  # strided operands
+                      (a, a.T, np.empty((3, 3), np.float32).T),                # output not C-contiguous
+                      (a[:, :0], a[:, :0].T, np.empty((3, 3), np.float32))]:   # nothing to sum
+        assert not blas_pool._split(blas, x, y, out)
+        assert blas_pool.matmul(x, y, out)
+        np.testing.assert_allclose(out, x @ y)
+    square = np.ones((4, 4), np.float32)
+    assert not blas_pool._split(blas, square, square, square)                   # out overlaps an operand
+
+
+@contextlib.contextmanager
+def numba_threads(n):
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def _thread_cpu_times():
@@ -61,7 +134,11 @@ def _helper_thread(work):
 @needs_lending
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc to see threads")
 @pytest.mark.skipif(numba.get_num_threads() < 2, reason="one thread: no second thread to look for")
-def test_lent_matmul_runs_on_numbas_thread_not_openblas_own(monkeypatch):
+@pytest.mark.parametrize("split", [True, False], ids=["split", "callback"])
+def test_lent_matmul_runs_on_numbas_thread_not_openblas_own(monkeypatch, split):
+    if split and not SPLITS:
+        pytest.skip("the split cannot be used here")
+    monkeypatch.setattr(config, "CPU_BLAS_SPLIT", split)
     rng = np.random.default_rng(8)
     a = rng.standard_normal((1024, 1024), np.float32)
     out = np.empty_like(a)
@@ -92,13 +169,10 @@ def test_pool_is_not_lent_when_switched_off_or_numba_has_fewer_threads(monkeypat
     monkeypatch.setattr(config, "CPU_SHARE_BLAS_THREADS", False)
     assert not blas_pool.matmul(a, a, out)
     monkeypatch.setattr(config, "CPU_SHARE_BLAS_THREADS", True)
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)       # OpenBLAS's jobs wait for each other: one Numba thread would deadlock
-    try:
+    monkeypatch.setattr(config, "CPU_BLAS_SPLIT", False)
+    with numba_threads(1):         # OpenBLAS's jobs wait for each other: one Numba thread would deadlock
         if blas_pool._numpy_openblas() is not None and blas_pool._numpy_openblas().threads() > 1:
             assert not blas_pool.matmul(a, a, out)
-    finally:
-        numba.set_num_threads(threads)
     cpu.matmul_cpu(a, a, out)      # and the engine's matmul still computes it, on OpenBLAS's threads
     np.testing.assert_allclose(out, 300.0)
 
@@ -109,10 +183,11 @@ def test_status_says_why():
 
 
 @needs_lending
-def test_engine_steps_give_the_same_bits_with_the_pool_lent_or_not(monkeypatch):
+def test_engine_steps_give_the_same_bits_with_the_callback_or_openblas_own_threads(monkeypatch):
     from vaecore.benchmark.configs import CONFIGS
     from vaecore.benchmark.ours import OurStep
 
+    monkeypatch.setattr(config, "CPU_BLAS_SPLIT", False)
     params = {}
     for lend in (False, True):
         monkeypatch.setattr(config, "CPU_SHARE_BLAS_THREADS", lend)

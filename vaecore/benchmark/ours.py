@@ -56,9 +56,8 @@ def threads_note():
     from kernels.cpu import parallel_threads
 
     threads = kernels.config.cpu_threads()
-    lent, why = blas_pool.status()
-    blas = (f"on OpenBLAS, its jobs on Numba's {threads} threads" if lent
-            else f"on OpenBLAS's own threads ({why})")
+    lent, how = blas_pool.status()
+    blas = f"on OpenBLAS, {how}" if lent else f"on OpenBLAS's own threads ({how})"
     if parallel_threads() > 1:
         rest = f"on Numba's {threads} threads while OpenBLAS's own rest"
     else:
