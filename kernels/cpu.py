@@ -575,6 +575,27 @@ def bias_act_backward_cpu(dy, y, activation, dpre_out, dbias_out):
     _bias_act_backward(dy, y, code, dpre_out, dbias_out, dpre_out is dy)
 
 
+# -- pixels ------------------------------------------------------------------------------------------
+_UNIT = _f(1.0 / 255.0)
+
+
+@njit(**_JIT)
+def _pixels(src, out):
+    for i in range(src.shape[0]):
+        s, o = src[i], out[i]
+        for j in range(src.shape[1]):
+            o[j] = _f(s[j]) * _UNIT
+
+
+def pixels_cpu(src, out):
+    """``out[...] = src / 255`` for (B, D) uint8 ``src``, in one pass: the same float32 product (and bits)
+    as NumPy's cast and then multiply in place, which is two passes (128 x 784: 2.7 us against 11.8)."""
+    shape = _check2d("out", out)
+    if not (isinstance(src, np.ndarray) and src.dtype == np.uint8 and src.shape == shape):
+        raise ValueError(f"src must be a uint8 array of shape {shape}")
+    _pixels(src, out)
+
+
 # -- 5. matmul with a small batch on one side -----------------------------------------------------------
 # Each kernel takes the batch four rows at a time so that one load of a row of W feeds four rows of the
 # batch, and handles the last B % 4 rows one at a time (never padding with zero rows: 0 * Inf would
@@ -956,6 +977,7 @@ def warm_up():
     _rank_update_parallel(x, d, np.empty((4, 3), np.float32), 2)
     _dots_parallel(d, w, np.empty((5, 4), np.float32), 2)
     _rows_times_parallel(x, w, np.empty((5, 3), np.float32), np.empty((2, 5, 3), np.float32))
+    pixels_cpu(np.zeros((5, 4), np.uint8), x)
     _pool_is_fast()
     blas_pool.warm_up()
 
@@ -968,6 +990,7 @@ __all__ = [
     "gaussian_learned_nll_grad_cpu",
     "gaussian_nll_grad_cpu",
     "matmul_cpu",
+    "pixels_cpu",
     "reparameterize_kl_backward_cpu",
     "reparameterize_kl_cpu",
     "warm_up",

@@ -707,3 +707,28 @@ def test_split_choice_ignores_windows_with_a_pause_in_them():
     assert choice.calls == 1                                         # so the window starts afresh
     _run_calls(choice, clock, choice.WINDOW, costs)
     assert choice.seconds[0] == pytest.approx(costs[0])              # not inflated by the pause
+
+
+# -- pixels ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [0, 1, 4, 129])
+def test_pixels_give_numpys_bits(rng, rows):
+    src = rng.integers(0, 256, (rows, 784), dtype=np.uint8)
+    if rows:
+        src[0, :2] = 0, 255
+    expected = src.astype(np.float32)
+    np.multiply(expected, np.float32(1.0 / 255.0), out=expected)       # what the NumPy backend did before
+    out = np.full(src.shape, np.nan, np.float32)
+    cpu.pixels_cpu(src, out)
+    np.testing.assert_array_equal(out, expected)
+    out[...] = np.nan
+    cpu.pixels_cpu(np.asfortranarray(src), out)                          # any layout of the pixels
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_pixels_refuse_other_shapes_and_types():
+    out = np.empty((2, 3), np.float32)
+    for bad in (np.zeros((2, 4), np.uint8), np.zeros((2, 3), np.float32), [[0, 0, 0], [0, 0, 0]]):
+        with pytest.raises(ValueError, match="uint8"):
+            cpu.pixels_cpu(bad, out)

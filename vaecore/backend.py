@@ -90,6 +90,11 @@ class Backend:
     def images_into(self, out, host_uint8):
         """``out[...] = host_uint8 / 255`` as float on the device; only uint8 crosses to it."""
         if self.name == "numpy":
+            if self.kernels.name == "cpu" and out.dtype == np.float32 and host_uint8.dtype == np.uint8:
+                import kernels.cpu
+
+                kernels.cpu.pixels_cpu(host_uint8, out)          # the same bits in one pass
+                return
             # convert first, then scale in place: a mixed uint8 * float32 ufunc would allocate a cast buffer
             np.copyto(out, host_uint8, casting="unsafe")
             np.multiply(out, out.dtype.type(1.0 / 255.0), out=out)
