@@ -8,15 +8,16 @@ kernels on one thread whenever BLAS had run recently, which at a batch above
 
 :func:`matmul` does it one of two ways, the first where it can:
 
-1. **Split** (``config.CPU_BLAS_SPLIT``): the product is cut into one part per Numba thread, by rows of
-   the output when it has at least as many rows as columns, else by columns, and each thread computes
-   its part in a one-thread OpenBLAS call (``openblas_set_num_threads_local``, OpenBLAS >= 0.3.27, set
-   for that call alone). The threads share nothing: OpenBLAS's own threading shares packed panels of
-   the operands between its threads, and moving them between the two cores of the project's machine
-   cost more than packing twice: the example-b128 step's products 1,115 -> 1,046 us, its whole step
-   1,351 -> 1,290 us, wide-b512's products within 1% (kernels/config.py). The parts are the same
-   whichever thread runs them, so the bits depend only on the number of threads (as OpenBLAS's own
-   threading's do), and equal one-thread OpenBLAS calls on the parts (tested).
+1. **Split** (while Numba has at most ``config.CPU_BLAS_SPLIT_THREADS`` threads): the product is cut
+   into one part per Numba thread, by rows of the output when it has at least as many rows as columns,
+   else by columns, and each thread computes its part in a one-thread OpenBLAS call
+   (``openblas_set_num_threads_local``, set for that call alone; NumPy's 64-bit-integer OpenBLAS).
+   The threads share nothing: OpenBLAS's own threading shares packed panels of the operands between
+   its threads, and moving them between the two cores of the project's machine cost more than each
+   packing its own: the example-b128 step's products 1,115 -> 1,046 us, its whole step 1,353 -> 1,308
+   us, wide-b512's within 1% (kernels/config.py). A part is the same whichever thread runs it, so the
+   bits depend only on the number of threads (as OpenBLAS's own threading's do) and equal one-thread
+   OpenBLAS calls on the parts (tested).
 2. **Callback**: OpenBLAS 0.3.27 added caller-managed threading: ``openblas_set_threads_callback_function``
    installs a function that OpenBLAS hands its jobs to instead of waking its workers. It is installed
    around one ``np.matmul`` and runs the jobs on Numba's pool, one job per thread (OpenBLAS's threaded
@@ -162,9 +163,9 @@ def _stored(x):
     return None, 0
 
 
-def _split(blas, a, b, out):
-    """``out = a @ b`` in one part per Numba thread (see the module's docstring), and True; or False
-    where the layouts are not ones it handles."""
+def _split(blas, a, b, out, n_parts):
+    """``out = a @ b`` in ``n_parts`` parts (see the module's docstring), and True; or False where the
+    layouts are not ones it handles."""
     a_c, trans_a = _stored(a)
     b_c, trans_b = _stored(b)
     if (a_c is None or b_c is None or not (isinstance(out, np.ndarray) and out.dtype == np.float32
@@ -172,8 +173,8 @@ def _split(blas, a, b, out):
             or a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]) or not (out.size and a.shape[1])
             or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
         return False
-    _run_parts(blas.sgemm, blas.set_threads, get_num_threads(), out.shape[0] >= out.shape[1], a_c, trans_a, b_c,
-               trans_b, out)
+    _run_parts(blas.sgemm, blas.set_threads, n_parts, out.shape[0] >= out.shape[1], a_c, trans_a, b_c, trans_b,
+               out)
     return True
 
 # -- finding NumPy's OpenBLAS ---------------------------------------------------------------------------
@@ -263,24 +264,25 @@ def _lendable():
     return blas, None
 
 
-def _splits(blas):
-    return config.CPU_BLAS_SPLIT and blas.sgemm is not None
+def _splits(blas, threads):
+    return blas.sgemm is not None and threads <= config.CPU_BLAS_SPLIT_THREADS
 
 
-def _callback_fits(blas):
+def _callback_fits(blas, threads):
     """Whether Numba gives this thread a thread for each of the jobs OpenBLAS may make."""
-    return blas.threads() <= get_num_threads()
+    return blas.threads() <= threads
 
 
 def status():
     """(whether the engine's BLAS matmuls run on Numba's pool, how or why not), for ``bench``'s notes."""
     blas, why = _lendable()
-    if blas is not None and _splits(blas):
-        return True, f"each split into one one-thread OpenBLAS call per Numba thread ({get_num_threads()})"
-    if blas is not None and _callback_fits(blas):
-        return True, f"OpenBLAS's jobs on Numba's {get_num_threads()} threads"
+    threads = get_num_threads()
+    if blas is not None and _splits(blas, threads):
+        return True, f"each split into one one-thread OpenBLAS call per Numba thread ({threads})"
+    if blas is not None and _callback_fits(blas, threads):
+        return True, f"OpenBLAS's jobs on Numba's {threads} threads"
     if blas is not None:
-        why = f"OpenBLAS wants {blas.threads()} threads, Numba gives this thread {get_num_threads()}"
+        why = f"OpenBLAS wants {blas.threads()} threads, Numba gives this thread {threads}"
     return False, why
 
 
@@ -290,9 +292,10 @@ def matmul(a, b, out):
     blas, _ = _lendable()
     if blas is None:
         return False
-    if _splits(blas) and _split(blas, a, b, out):
+    threads = get_num_threads()
+    if _splits(blas, threads) and _split(blas, a, b, out, threads):
         return True
-    if not _callback_fits(blas):
+    if not _callback_fits(blas, threads):
         return False
     blas.set_callback(_callback_address())
     try:

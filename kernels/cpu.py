@@ -57,7 +57,7 @@ _JIT_ADAM = dict(_JIT, fastmath={"contract", "arcp", "afn"})
 # Adam and the small-batch gradient matmuls also have parallel (prange) versions, which take every core
 # only while OpenBLAS's own threads are idle (see ``_pooled`` and kernels/config.py: next to OpenBLAS's
 # spinning threads a parallel Numba pool made steps 10x slower); kernels/blas_pool.py keeps them idle by
-# running OpenBLAS's jobs on Numba's pool. The activation-sized kernels stay serial: split over two
+# running OpenBLAS's matmuls on Numba's pool. The activation-sized kernels stay serial: split over two
 # threads, bias + ReLU took 6.0 us instead of 3.7 at 128x784 and 14.6 instead of 20 at 512x1024.
 _JIT_PARALLEL = dict(_JIT, parallel=True)
 # Below this many parameters Adam runs serially even when the cores are free.

@@ -18,9 +18,10 @@ from kernels import blas_pool, config, cpu
 cpu.warm_up()          # starts Numba's pool and compiles the callback where it can be used
 LENT, WHY = blas_pool.status()
 needs_lending = pytest.mark.skipif(not LENT, reason=f"the pool cannot be lent here: {WHY}")
-SPLITS = LENT and blas_pool._numpy_openblas().sgemm is not None
-needs_split = pytest.mark.skipif(not SPLITS, reason="NumPy's OpenBLAS is not a 64-bit-integer build with "
-                                                    f"openblas_set_num_threads_local ({WHY})")
+SPLITS = LENT and blas_pool._splits(blas_pool._numpy_openblas(), numba.get_num_threads())
+needs_split = pytest.mark.skipif(not SPLITS, reason="the split does not run here: NumPy's OpenBLAS is not a "
+                                 "64-bit-integer build with openblas_set_num_threads_local, or Numba has more than "
+                                 f"config.CPU_BLAS_SPLIT_THREADS threads ({WHY})")
 
 
 def _products(rng):
@@ -34,7 +35,7 @@ def _products(rng):
 
 @needs_lending
 def test_callback_gives_blas_its_own_bits(monkeypatch):
-    monkeypatch.setattr(config, "CPU_BLAS_SPLIT", False)
+    monkeypatch.setattr(config, "CPU_BLAS_SPLIT_THREADS", 0)
     rng = np.random.default_rng(7)
     for a, b in _products(rng):
         expected = np.matmul(a, b)                    # OpenBLAS's own threads
@@ -91,11 +92,11 @@ def test_split_declines_what_it_does_not_handle_and_the_callback_computes_it():
                       (a[:, ::2], a[:, ::2].T, np.empty((3, 3), np.float32)),  # strided operands
                       (a, a.T, np.empty((3, 3), np.float32).T),                # output not C-contiguous
                       (a[:, :0], a[:, :0].T, np.empty((3, 3), np.float32))]:   # nothing to sum
-        assert not blas_pool._split(blas, x, y, out)
+        assert not blas_pool._split(blas, x, y, out, 2)
         assert blas_pool.matmul(x, y, out)
         np.testing.assert_allclose(out, x @ y)
     square = np.ones((4, 4), np.float32)
-    assert not blas_pool._split(blas, square, square, square)                   # out overlaps an operand
+    assert not blas_pool._split(blas, square, square, square, 2)                   # out overlaps an operand
 
 
 @contextlib.contextmanager
@@ -138,7 +139,7 @@ def _helper_thread(work):
 def test_lent_matmul_runs_on_numbas_thread_not_openblas_own(monkeypatch, split):
     if split and not SPLITS:
         pytest.skip("the split cannot be used here")
-    monkeypatch.setattr(config, "CPU_BLAS_SPLIT", split)
+    monkeypatch.setattr(config, "CPU_BLAS_SPLIT_THREADS", 64 if split else 0)
     rng = np.random.default_rng(8)
     a = rng.standard_normal((1024, 1024), np.float32)
     out = np.empty_like(a)
@@ -169,7 +170,7 @@ def test_pool_is_not_lent_when_switched_off_or_numba_has_fewer_threads(monkeypat
     monkeypatch.setattr(config, "CPU_SHARE_BLAS_THREADS", False)
     assert not blas_pool.matmul(a, a, out)
     monkeypatch.setattr(config, "CPU_SHARE_BLAS_THREADS", True)
-    monkeypatch.setattr(config, "CPU_BLAS_SPLIT", False)
+    monkeypatch.setattr(config, "CPU_BLAS_SPLIT_THREADS", 0)
     with numba_threads(1):         # OpenBLAS's jobs wait for each other: one Numba thread would deadlock
         if blas_pool._numpy_openblas() is not None and blas_pool._numpy_openblas().threads() > 1:
             assert not blas_pool.matmul(a, a, out)
@@ -187,7 +188,7 @@ def test_engine_steps_give_the_same_bits_with_the_callback_or_openblas_own_threa
     from vaecore.benchmark.configs import CONFIGS
     from vaecore.benchmark.ours import OurStep
 
-    monkeypatch.setattr(config, "CPU_BLAS_SPLIT", False)
+    monkeypatch.setattr(config, "CPU_BLAS_SPLIT_THREADS", 0)
     params = {}
     for lend in (False, True):
         monkeypatch.setattr(config, "CPU_SHARE_BLAS_THREADS", lend)
