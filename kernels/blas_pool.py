@@ -10,14 +10,14 @@ kernels on one thread whenever BLAS had run recently, which at a batch above
 
 1. **Split** (while Numba has at most ``config.CPU_BLAS_SPLIT_THREADS`` threads): the product is cut
    into one part per Numba thread, by rows of the output when it has at least as many rows as columns,
-   else by columns, and each thread computes its part in a one-thread OpenBLAS call
-   (``openblas_set_num_threads_local``, set for that call alone; NumPy's 64-bit-integer OpenBLAS).
-   The threads share nothing: OpenBLAS's own threading shares packed panels of the operands between
-   its threads, and moving them between the two cores of the project's machine cost more than each
-   packing its own: the example-b128 step's products 1,115 -> 1,046 us, its whole step 1,353 -> 1,308
-   us, wide-b512's within 1% (kernels/config.py). A part is the same whichever thread runs it, so the
-   bits depend only on the number of threads (as OpenBLAS's own threading's do) and equal one-thread
-   OpenBLAS calls on the parts (tested).
+   else by columns, and each thread computes its part in a ``cblas_sgemm`` call while OpenBLAS's thread
+   count is 1 (NumPy's 64-bit-integer OpenBLAS; see ``_ONE_THREAD``). The threads share nothing:
+   OpenBLAS's own threading shares packed panels of the operands between its threads, and moving them
+   between the two cores of the project's machine cost more than each packing its own: the
+   example-b128 step's products 1,115 -> 1,046 us, its whole step 1,347 -> 1,301 us, wide-b512's within
+   1% (kernels/config.py). A part is the same whichever thread runs it, so the bits depend only on the
+   number of threads (as OpenBLAS's own threading's do) and equal one-thread OpenBLAS calls on the
+   parts (tested).
 2. **Callback**: OpenBLAS 0.3.27 added caller-managed threading: ``openblas_set_threads_callback_function``
    installs a function that OpenBLAS hands its jobs to instead of waking its workers. It is installed
    around one ``np.matmul`` and runs the jobs on Numba's pool, one job per thread (OpenBLAS's threaded
@@ -39,6 +39,7 @@ other forever.
 
 import ctypes
 import os
+import threading
 
 import numpy as np
 from llvmlite import ir
@@ -116,22 +117,11 @@ def _call_sgemm(typingctx, sgemm, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, 
     return types.void(*(types.int64,) * 12), codegen
 
 
-@intrinsic
-def _call_set_threads(typingctx, setter, n):
-    """``openblas_set_num_threads_local(n)`` at address ``setter``: this thread's count, 0 to unset."""
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        fn = builder.inttoptr(args[0], ir.FunctionType(i32, [i32]).as_pointer())
-        builder.call(fn, [builder.trunc(args[1], i32)])
-        return context.get_dummy_value()
-
-    return types.void(types.int64, types.int64), codegen
-
-
 @njit(cache=True, parallel=True, nogil=True)
-def _run_parts(sgemm, set_threads, n_parts, by_rows, a, trans_a, b, trans_b, c):
+def _run_parts(sgemm, n_parts, by_rows, a, trans_a, b, trans_b, c):
     """``c = op(a) @ op(b)`` of C-contiguous ``a``, ``b``, ``c`` (op transposes where asked) in ``n_parts``
-    ranges of c's rows (or columns), each a one-thread OpenBLAS call on whichever thread takes it."""
+    ranges of c's rows (or columns), each an OpenBLAS call on whichever thread takes it (one-thread
+    calls: ``_split`` sets OpenBLAS's count to 1 around this)."""
     m, n = c.shape
     k = a.shape[0] if trans_a else a.shape[1]
     lda, ldb = a.shape[1], b.shape[1]
@@ -146,10 +136,8 @@ def _run_parts(sgemm, set_threads, n_parts, by_rows, a, trans_a, b, trans_b, c):
             a_q, b_q, c_q = a0, b0 + 4 * lo * (ldb if trans_b else 1), c0 + 4 * lo
             m_q, n_q = m, hi - lo
         if m_q > 0 and n_q > 0:
-            _call_set_threads(set_threads, 1)
             _call_sgemm(sgemm, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
                         m_q, n_q, k, a_q, lda, b_q, ldb, c_q, n)
-            _call_set_threads(set_threads, 0)
 
 
 def _stored(x):
@@ -163,6 +151,15 @@ def _stored(x):
     return None, 0
 
 
+# OpenBLAS's thread count is one process-wide number in NumPy's (pthreads) build: even
+# openblas_set_num_threads_local(1) called on one thread changed what every thread sees (measured). Set
+# and reset by each part, it let a part that started after another had reset it run on OpenBLAS's two
+# threads, and one `train` in four gave other bits. So the count is 1 around the whole split, under a
+# lock so that two Python threads' splits cannot interleave their settings (a plain BLAS call from
+# another thread meanwhile runs on one thread: slower, not wrong).
+_ONE_THREAD = threading.Lock()
+
+
 def _split(blas, a, b, out, n_parts):
     """``out = a @ b`` in ``n_parts`` parts (see the module's docstring), and True; or False where the
     layouts are not ones it handles."""
@@ -173,8 +170,13 @@ def _split(blas, a, b, out, n_parts):
             or a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]) or not (out.size and a.shape[1])
             or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
         return False
-    _run_parts(blas.sgemm, blas.set_threads, n_parts, out.shape[0] >= out.shape[1], a_c, trans_a, b_c, trans_b,
-               out)
+    with _ONE_THREAD:
+        threads = blas.threads()
+        blas.set_threads(1)
+        try:
+            _run_parts(blas.sgemm, n_parts, out.shape[0] >= out.shape[1], a_c, trans_a, b_c, trans_b, out)
+        finally:
+            blas.set_threads(threads)
     return True
 
 # -- finding NumPy's OpenBLAS ---------------------------------------------------------------------------
@@ -200,16 +202,14 @@ class _OpenBLAS:
 
     @staticmethod
     def _split_functions(lib, prefix, suffix):
-        """Addresses of ``cblas_sgemm`` and ``openblas_set_num_threads_local``, or (None, None): the
-        split is only for 64-bit-integer builds (``64_``, as NumPy's wheels are). NumPy's 0.3.31 exports
-        the second without the ``scipy_`` prefix."""
-        sgemm = f"{prefix}cblas_sgemm{suffix}"
-        local = [name for name in (f"{prefix}openblas_set_num_threads_local{suffix}",
-                                   "openblas_set_num_threads_local") if hasattr(lib, name)]
-        if suffix != "64_" or not hasattr(lib, sgemm) or not local:
+        """The address of ``cblas_sgemm`` and ``openblas_set_num_threads``, or (None, None): the split
+        is only for 64-bit-integer builds (``64_``, as NumPy's wheels are)."""
+        sgemm, setter = f"{prefix}cblas_sgemm{suffix}", f"{prefix}openblas_set_num_threads{suffix}"
+        if suffix != "64_" or not hasattr(lib, sgemm) or not hasattr(lib, setter):
             return None, None
-        address = ctypes.cast(getattr(lib, sgemm), ctypes.c_void_p).value
-        return address, ctypes.cast(getattr(lib, local[0]), ctypes.c_void_p).value
+        set_threads = getattr(lib, setter)
+        set_threads.argtypes, set_threads.restype = [ctypes.c_int], None
+        return ctypes.cast(getattr(lib, sgemm), ctypes.c_void_p).value, set_threads
 
 
 _STATE = []      # [(_OpenBLAS or None, why)], once known
@@ -309,5 +309,5 @@ def warm_up():
     """Finds NumPy's OpenBLAS and compiles (or loads) the split's kernel and the callback, where the
     pool can be lent."""
     if _numpy_openblas() is not None and _layer() in config.FAST_LAYERS:
-        _run_parts(0, 0, 0, True, *(np.zeros((0, 0), np.float32), 0) * 2, np.zeros((0, 0), np.float32))
+        _run_parts(0, 0, True, *(np.zeros((0, 0), np.float32), 0) * 2, np.zeros((0, 0), np.float32))
         _callback_address()

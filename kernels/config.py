@@ -29,14 +29,14 @@ CPU_SMALL_BATCH = 8
 # workers stay asleep and Numba's kernels may take every core right after a matmul. Off, or where
 # NumPy's BLAS cannot do it, the rule below decides.
 CPU_SHARE_BLAS_THREADS = True
-# ... and, where NumPy's OpenBLAS allows (a 64-bit-integer build with per-thread thread counts), by
-# splitting each product into one part per Numba thread, each a one-thread OpenBLAS call, instead of
+# ... and, where NumPy's OpenBLAS allows (a 64-bit-integer build), by splitting each product into one
+# part per Numba thread, each a one-thread OpenBLAS call, instead of
 # taking OpenBLAS's own jobs: its jobs share packed panels between the threads, and on the project's
 # 2-core machine moving them between the cores cost more than each thread packing its own. Per product,
 # same process, both ways in turn (OpenBLAS 0.3.31, SkylakeX kernels): example-b128's eleven products
 # 1,115 -> 1,046 us (x @ W 205 -> 191, delta @ W.T 251 -> 236, the heads' 10-15 us ones 1.1-2.2x
 # faster); wide-b512's within 1% (OpenBLAS is at the cores' peak there either way). Whole step, 30
-# alternations, twice: example-b128 1,353 -> 1,308 us and 1,395 -> 1,346 us; wide-b512 27.89 -> 27.88 ms.
+# alternations, twice: example-b128 1,347 -> 1,301 us and 1,347 -> 1,300 us; wide-b512 28.10 -> 28.01 ms.
 # Measured on two cores only: with many, each thread would pack the shared operand for a thin part, so
 # the split runs while Numba has at most this many threads. Beyond that, or at 0: OpenBLAS's own jobs on
 # Numba's threads (its callback), the same bits as OpenBLAS's own threads.
