@@ -30,9 +30,9 @@ CPU_SMALL_BATCH = 8
 # NumPy's BLAS cannot do it, the rule below decides.
 CPU_SHARE_BLAS_THREADS = True
 # ... and, where NumPy's OpenBLAS allows (a 64-bit-integer build), by splitting each product into one
-# part per Numba thread, each a one-thread OpenBLAS call, instead of
-# taking OpenBLAS's own jobs: its jobs share packed panels between the threads, and on the project's
-# 2-core machine moving them between the cores cost more than each thread packing its own. Per product,
+# part per Numba thread, each a one-thread OpenBLAS call, instead of taking OpenBLAS's own jobs: its
+# jobs share packed panels between the threads, and on the project's 2-core machine moving them between
+# the cores cost more than each thread packing its own. Per product,
 # same process, both ways in turn (OpenBLAS 0.3.31, SkylakeX kernels): example-b128's eleven products
 # 1,115 -> 1,046 us (x @ W 205 -> 191, delta @ W.T 251 -> 236, the heads' 10-15 us ones 1.1-2.2x
 # faster); wide-b512's within 1% (OpenBLAS is at the cores' peak there either way). Whole step, 30

@@ -90,7 +90,8 @@ class Backend:
     def images_into(self, out, host_uint8):
         """``out[...] = host_uint8 / 255`` as float on the device; only uint8 crosses to it."""
         if self.name == "numpy":
-            if self.kernels.name == "cpu" and out.dtype == np.float32 and host_uint8.dtype == np.uint8:
+            if (self.kernels.name == "cpu" and out.dtype == np.float32 and out.flags.c_contiguous
+                    and host_uint8.dtype == np.uint8 and host_uint8.shape == out.shape):
                 import kernels.cpu
 
                 kernels.cpu.pixels_cpu(host_uint8, out)          # the same bits in one pass
