@@ -25,11 +25,11 @@ needs_split = pytest.mark.skipif(not SPLITS, reason="the split does not run here
 
 def _products(rng):
     """The engine's layouts (x @ W, x.T @ delta, delta @ W.T) at sizes OpenBLAS splits over threads,
-    and a square one."""
+    a weight gradient with fewer rows than columns, and a square one."""
     x, w = rng.standard_normal((256, 784), np.float32), rng.standard_normal((784, 400), np.float32)
     delta = rng.standard_normal((256, 400), np.float32)
     sq = rng.standard_normal((512, 512), np.float32)
-    return [(x, w), (x.T, delta), (delta, w.T), (sq, sq.T)]
+    return [(x, w), (x.T, delta), (delta, w.T), (delta.T, x), (sq, sq.T)]
 
 
 @contextlib.contextmanager
@@ -56,9 +56,10 @@ def test_callback_gives_blas_its_own_bits(monkeypatch):
 def _one_thread_parts(a, b, n_parts):
     """a @ b as the split computes it: OpenBLAS on one thread, per range of rows (or columns)."""
     m, n = a.shape[0], b.shape[1]
+    by_rows = blas_pool._by_rows((m, n), not a.flags.c_contiguous, n_parts)
     b = b.T.copy().T if b.flags.f_contiguous else b.copy()   # same layout, but NumPy does a @ a.T by syrk
     with threadpool_limits(1, user_api="blas"):
-        if m >= n:
+        if by_rows:
             return np.concatenate([a[q * m // n_parts:(q + 1) * m // n_parts] @ b for q in range(n_parts)])
         return np.concatenate([a @ b[:, q * n // n_parts:(q + 1) * n // n_parts] for q in range(n_parts)], axis=1)
 
@@ -79,7 +80,7 @@ def test_split_gives_one_thread_blas_bits_of_each_part():
 def test_split_bits_do_not_depend_on_which_thread_runs_a_part():
     rng = np.random.default_rng(10)
     blas = blas_pool._numpy_openblas()
-    for a, b in _products(rng)[:3]:
+    for a, b in _products(rng)[:4]:
         expected = _one_thread_parts(a, b, 3)
         for threads in (1, numba.get_num_threads()):        # three parts on one thread, or spread
             with numba_threads(threads):
