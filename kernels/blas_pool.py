@@ -175,10 +175,8 @@ _ONE_THREAD = threading.Lock()
 def _split(blas, a, b, out, n_parts):
     """``out = a @ b`` in ``n_parts`` parts (see the module's docstring), and True; or False where the
     layouts are not ones it handles."""
-    a_c, trans_a = _stored(a)
-    b_c, trans_b = _stored(b)
-    if (a_c is None or b_c is None or not (isinstance(out, np.ndarray) and out.dtype == np.float32
-                                           and out.ndim == 2 and out.flags.c_contiguous)
+    (a_c, trans_a), (b_c, trans_b), (out_c, out_transposed) = _stored(a), _stored(b), _stored(out)
+    if (a_c is None or b_c is None or out_c is None or out_transposed
             or a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]) or not (out.size and a.shape[1])
             or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
         return False
