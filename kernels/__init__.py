@@ -11,7 +11,7 @@ This package never imports ``vaecore``.
 from dataclasses import dataclass
 from typing import Callable
 
-from .adam import adam_step_reference
+from .adam import adam_step_reference, fuses_layer_adam_reference, layer_backward_adam_reference
 from .bias_act import ACTIVATIONS, bias_act_backward_reference, bias_act_reference
 from .likelihood import (
     bernoulli_nll_grad_reference,
@@ -34,6 +34,8 @@ class KernelTable:
     matmul: Callable                     # (a, b, out) -> None, out[...] = a @ b
     bias_act: Callable                   # (h, bias, activation) -> None, in place
     bias_act_backward: Callable          # (dy, y, activation, dpre_out, dbias_out) -> None
+    layer_backward_adam: Callable        # (x, delta, params, grads, m, v, block, dx_out, step, lr, beta1, beta2, eps, weight_decay) -> sum of squares
+    fuses_layer_adam: Callable           # (batch_size) -> whether layer_backward_adam beats the plain backward + adam_step
 
 
 REFERENCE = KernelTable(
@@ -47,6 +49,8 @@ REFERENCE = KernelTable(
     matmul=matmul_reference,
     bias_act=bias_act_reference,
     bias_act_backward=bias_act_backward_reference,
+    layer_backward_adam=layer_backward_adam_reference,
+    fuses_layer_adam=fuses_layer_adam_reference,
 )
 
 

@@ -21,6 +21,8 @@ updates what it has just written (see ``kernels.cpu.adam_step_cpu``). The other 
 
 import math
 
+from .matmul import matmul_reference
+
 
 def adam_step_reference(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                         weight_decay=0.0, clip_norm=0.0, blocks=None):
@@ -33,3 +35,49 @@ def adam_step_reference(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, e
     root_correction = math.sqrt(1.0 - beta2 ** step)
     params[...] = params - step_size * m / (xp.sqrt(v) / root_correction + eps) - (lr * weight_decay) * params
     return norm
+
+
+# -- one layer's gradients and update in one call ----------------------------------------------------
+# ``layer_backward_adam(x, delta, params, grads, m, v, block, dx_out, step, lr, beta1, beta2, eps,
+# weight_decay)`` finishes one layer's backward pass and updates it, for the engine's layer-by-layer
+# path (``vaecore.optim.LayerUpdates``). ``block`` is the layer's ``(offset, n_in, n_out)`` row of the
+# model's ``param_blocks``, so ``W`` is ``params[offset:offset + n_in * n_out]`` as (n_in, n_out) and its
+# bias the ``n_out`` elements after it; ``x`` (B, n_in) is the layer's input and ``delta`` (B, n_out) the
+# gradient of its pre-activation, whose column sums (the bias gradient) are already in ``grads``::
+#
+#     dW     = x.T @ delta                        (written into grads, as the plain backward does)
+#     dx_out = delta @ W.T                        (W before the update; skipped when dx_out is None)
+#     Adam step ``step`` on the [W; b] block      (no clipping: that needs every layer's gradient first)
+#
+# It returns the block's sum of squared gradients, so the caller can report the global norm.
+# ``fuses_layer_adam(batch_size)`` says whether a table's version is worth calling instead of the plain
+# backward and one ``adam_step``: where it is only this composition, it is not.
+
+
+def layer_backward_adam_composed(matmul, adam_step, x, delta, params, grads, m, v, block, dx_out, step, lr,
+                                 beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    """The contract spelled with a table's ``matmul`` and ``adam_step``."""
+    offset, n_in, n_out = block
+    w_end, end = offset + n_in * n_out, offset + (n_in + 1) * n_out
+    matmul(x.T, delta, _matrix(grads[offset:w_end], n_in, n_out))
+    if dx_out is not None:
+        matmul(delta, _matrix(params[offset:w_end], n_in, n_out).T, dx_out)
+    norm = adam_step(params[offset:end], grads[offset:end], m[offset:end], v[offset:end], step, lr, beta1,
+                     beta2, eps, weight_decay)
+    return norm * norm
+
+
+def _matrix(flat, n_in, n_out):
+    """An (n_in, n_out) view of a contiguous slice, in the array API's spelling or CuPy's."""
+    namespace = getattr(flat, "__array_namespace__", None)
+    return namespace().reshape(flat, (n_in, n_out)) if namespace else flat.reshape(n_in, n_out)
+
+
+def layer_backward_adam_reference(x, delta, params, grads, m, v, block, dx_out, step, lr, beta1=0.9, beta2=0.999,
+                                  eps=1e-8, weight_decay=0.0):
+    return layer_backward_adam_composed(matmul_reference, adam_step_reference, x, delta, params, grads, m, v,
+                                        block, dx_out, step, lr, beta1, beta2, eps, weight_decay)
+
+
+def fuses_layer_adam_reference(batch_size):
+    return False

@@ -26,6 +26,7 @@ import numpy as np
 from numba import cuda, float32, float64
 
 from . import config
+from .adam import layer_backward_adam_composed
 from .bias_act import activation_code
 from .likelihood import LOG_2PI
 
@@ -372,6 +373,18 @@ def adam_step_cuda(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e
     return norm_buf[1:].reshape(())
 
 
+def layer_backward_adam_cuda(x, delta, params, grads, m, v, block, dx_out, step, lr, beta1=0.9, beta2=0.999,
+                             eps=1e-8, weight_decay=0.0):
+    """cuBLAS, then the Adam kernel above on the layer's block. ``fuses_layer_adam_cuda`` is False, so
+    the engine keeps the plain backward and one Adam launch: a launch per layer would only add launches."""
+    return layer_backward_adam_composed(matmul_cuda, adam_step_cuda, x, delta, params, grads, m, v, block, dx_out,
+                                        step, lr, beta1, beta2, eps, weight_decay)
+
+
+def fuses_layer_adam_cuda(batch_size):
+    return False
+
+
 def matmul_cuda(a, b, out):
     """cuBLAS through CuPy (NumPy's matmul under the simulator)."""
     _namespace(out).matmul(a, b, out=out)
@@ -407,6 +420,8 @@ def bias_act_backward_cuda(dy, y, activation, dpre_out, dbias_out):
 __all__ = [
     "KERNEL_SIGNATURES",
     "adam_step_cuda",
+    "fuses_layer_adam_cuda",
+    "layer_backward_adam_cuda",
     "matmul_cuda",
     "bernoulli_nll_grad_cuda",
     "bias_act_backward_cuda",

@@ -24,7 +24,7 @@ import pytest
 
 import kernels
 from kernels import cpu
-from kernels.adam import adam_step_reference
+from kernels.adam import adam_step_reference, layer_backward_adam_reference
 from kernels.bias_act import ACTIVATIONS, bias_act_backward_reference, bias_act_reference
 from kernels.likelihood import (
     bernoulli_nll_grad_reference,
@@ -371,6 +371,95 @@ def test_adam_refuses_blocks_that_do_not_tile_the_buffer(blocks):
     z = np.zeros(20, np.float32)
     with pytest.raises(ValueError, match="blocks"):
         cpu.adam_step_cpu(z.copy(), z.copy(), z.copy(), z.copy(), 1, 1e-3, blocks=blocks)
+
+
+# -- a layer's gradients and Adam update in one call -------------------------------------------------
+
+
+def _layer_state(rng, n_in, n_out, batch):
+    """x, delta and a buffer holding one layer's [W; b] block between two other parameters, with its
+    bias gradient already in place (as the engine's bias_act_backward leaves it)."""
+    block = (1, n_in, n_out)
+    n = 1 + (n_in + 1) * n_out + 1
+    params, grads = f32(rng, n), f32(rng, n, 0.1)
+    m, v = f32(rng, n, 0.01), np.abs(f32(rng, n, 0.01))
+    return f32(rng, (batch, n_in)), f32(rng, (batch, n_out), 0.1), [params, grads, m, v], block
+
+
+def _run_layer(kernel, x, delta, state, block, with_dx, **adam):
+    state = [a.copy() for a in state]
+    dx = np.full(x.shape, np.nan, np.float32) if with_dx else None
+    squares = kernel(x, delta, *state, block, dx, 3, 1e-3, **adam)
+    return squares, state, dx
+
+
+@pytest.mark.parametrize("mode", POOL_MODES)
+@pytest.mark.parametrize("n_in,n_out,batch", [(784, 400, 4), (9, 5, 1), (3, 40, 7), (20, 33, 8), (9, 5, 16), (9, 5, 0)])
+@pytest.mark.parametrize("with_dx", [True, False])
+def test_layer_backward_adam_matches_reference(rng, monkeypatch, mode, n_in, n_out, batch, with_dx):
+    """Fused at a batch of 1 to CPU_SMALL_BATCH on a fast pool (n_in 3 leaves chunks with no rows; batch
+    16 or 0 and the serial mode take the plain kernels); the elements outside the block stay as they were."""
+    _set_pool_mode(monkeypatch, mode)
+    x, delta, state, block = _layer_state(rng, n_in, n_out, batch)
+    adam = dict(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.01)
+    squares, out, dx = _run_layer(cpu.layer_backward_adam_cpu, x, delta, state, block, with_dx, **adam)
+    squares_ref, ref, dx_ref = _run_layer(layer_backward_adam_reference, x, delta, state, block, with_dx, **adam)
+    assert isinstance(squares, float)
+    assert_sum_close(squares, squares_ref, (n_in + 1) * n_out)
+    if with_dx:
+        np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5 * math.sqrt(n_out))
+    grads, grads_ref = out[1], ref[1]
+    np.testing.assert_allclose(grads, grads_ref, rtol=1e-5, atol=1e-5 * math.sqrt(batch))
+    for a, b in zip(out, ref):
+        assert a[0] == b[0] and a[-1] == b[-1]
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-6)
+
+
+def test_fused_layer_update_gives_the_same_bits_on_one_thread_or_all(rng, monkeypatch):
+    x, delta, state, block = _layer_state(rng, 784, 400, 4)
+    runs = []
+    for mode in ("pooled-one-thread", "pooled-all-threads"):
+        _set_pool_mode(monkeypatch, mode)
+        runs.append(_run_layer(cpu.layer_backward_adam_cpu, x, delta, state, block, True))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip([*runs[0][1], runs[0][2]], [*runs[1][1], runs[1][2]]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_layer_update_updates_as_adam_does_from_the_same_gradient(rng, monkeypatch):
+    """The fused pass writes the same dW as the small-batch weight gradient, and updates every
+    parameter exactly as adam_step_cpu does from it."""
+    _set_pool_mode(monkeypatch, "pooled-all-threads")
+    x, delta, state, (offset, n_in, n_out) = _layer_state(rng, 784, 400, 4)
+    _, fused, _ = _run_layer(cpu.layer_backward_adam_cpu, x, delta, state, (offset, n_in, n_out), False)
+    plain = [a.copy() for a in state]
+    end = offset + n_in * n_out
+    cpu.matmul_cpu(x.T, delta, plain[1][offset:end].reshape(n_in, n_out))
+    block = slice(offset, end + n_out)
+    cpu.adam_step_cpu(*(a[block] for a in plain), 3, 1e-3)
+    for a, b in zip(fused, plain):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_fused_layer_update_reports_nan_and_inf_gradients(rng, monkeypatch, bad):
+    _set_pool_mode(monkeypatch, "pooled-all-threads")
+    x, delta, state, block = _layer_state(rng, 30, 20, 4)
+    delta[2, 7] = bad
+    squares, _, _ = _run_layer(cpu.layer_backward_adam_cpu, x, delta, state, block, True)
+    assert math.isnan(squares) if np.isnan(bad) else math.isinf(squares)
+
+
+def test_fused_layer_update_refuses_what_it_cannot_do(rng):
+    x, delta, state, block = _layer_state(rng, 9, 5, 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu.layer_backward_adam_cpu(x, delta, *state, (10, 9, 5), None, 1, 1e-3)
+    with pytest.raises(ValueError, match="delta"):
+        cpu.layer_backward_adam_cpu(x, delta[:, :4].copy(), *state, block, None, 1, 1e-3)
+    with pytest.raises(ValueError, match="overlap"):
+        cpu.layer_backward_adam_cpu(x, delta, *state, block, x, 1, 1e-3)
+    with pytest.raises(ValueError, match="x"):
+        cpu.layer_backward_adam_cpu(x.astype(np.float64), delta, *state, block, None, 1, 1e-3)
 
 
 def test_adam_flushes_subnormal_moments_to_zero():

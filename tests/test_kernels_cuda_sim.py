@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernels.adam import adam_step_reference
+from kernels.adam import adam_step_reference, layer_backward_adam_reference
 from kernels.bias_act import ACTIVATIONS, bias_act_backward_reference, bias_act_reference
 from kernels.likelihood import (
     bernoulli_nll_grad_reference,
@@ -209,6 +209,24 @@ def test_adam_step(dev, rng, weight_decay, clip_norm):
             assert float(norm) == pytest.approx(norm_ref, rel=RTOL)
         for a, b in zip(out, ref):
             np.testing.assert_allclose(dev.get(a), b, rtol=RTOL, atol=1e-7)
+
+
+def test_layer_backward_adam(dev, rng):
+    """The composition of cuBLAS and the Adam kernel on one layer's block (the engine keeps the plain
+    path on a GPU: fuses_layer_adam_cuda is False)."""
+    assert not dev.k.fuses_layer_adam_cuda(4)
+    n_in, n_out, batch = 9, 5, 3
+    n = 2 + (n_in + 1) * n_out
+    ref = [f32(rng, n), f32(rng, n, 0.1), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    out = [dev.put(a) for a in ref]
+    x, delta = f32(rng, (batch, n_in)), f32(rng, (batch, n_out))
+    dx_ref, dx = np.empty((batch, n_in), np.float32), dev.put(np.empty((batch, n_in), np.float32))
+    squares_ref = layer_backward_adam_reference(x, delta, *ref, (1, n_in, n_out), dx_ref, 2, 1e-2)
+    squares = dev.k.layer_backward_adam_cuda(dev.put(x), dev.put(delta), *out, (1, n_in, n_out), dx, 2, 1e-2)
+    assert float(squares) == pytest.approx(squares_ref, rel=RTOL)
+    np.testing.assert_allclose(dev.get(dx), dx_ref, rtol=RTOL, atol=1e-6)
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(dev.get(a), b, rtol=RTOL, atol=1e-7)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")   # the simulator's inf * 0

@@ -132,6 +132,25 @@ def test_cpu_kernels_train_as_the_reference_kernels(batch_size):
     np.testing.assert_allclose(fast.model.params, reference.model.params, rtol=1e-3, atol=1e-5)
 
 
+def test_layer_by_layer_updates_train_as_one_adam_step_after_the_backward():
+    """At batch 4 the CPU table updates each layer inside the backward pass; with that switched off
+    the same run takes the plain backward and one Adam call, and lands in the same place. Clipping
+    needs every gradient first, so it never takes the layer-by-layer path."""
+    import dataclasses
+
+    config = TrainConfig(batch_size=4, lr=3e-3)
+    fused, plain = make_trainer("numpy", config), make_trainer("numpy", config)
+    assert fused.backend.kernels.fuses_layer_adam(4) == (kernels.cpu.parallel_threads() > 1)
+    plain.backend.kernels = dataclasses.replace(plain.backend.kernels, fuses_layer_adam=lambda batch_size: False)
+    for epoch in (1, 2):
+        assert fused.train_epoch(epoch) == pytest.approx(plain.train_epoch(epoch), rel=1e-5)
+    assert fused.optimizer.t == plain.optimizer.t == 64
+    np.testing.assert_allclose(fused.model.params, plain.model.params, rtol=1e-4, atol=1e-6)
+    batch = fused.x_train[:4].copy()
+    assert fused.train_step(batch)[2] == pytest.approx(plain.train_step(batch)[2], rel=1e-4)
+    assert make_trainer("numpy", TrainConfig(batch_size=4, clip_grad=1.0))._layer_updates is None
+
+
 @pytest.mark.parametrize("batch_size,size,hidden", [(4, 8, 128), (16, 8, 128), (4, 28, 400)])
 def test_warm_training_step_allocates_no_arrays(batch_size, size, hidden):
     """After the first step of a batch size, a step allocates nothing NumPy can see.

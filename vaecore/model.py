@@ -52,15 +52,21 @@ def forward_layers(backend, layers, h, outputs):
     return h
 
 
-def backward_layers(backend, layers, x, outputs, deltas, dx_out):
+def backward_layers(backend, layers, x, outputs, deltas, dx_out, update=None, first=0):
     """Backward through a stack whose last delta is already filled: writes every layer's dW and db,
-    and d(input) into ``dx_out`` unless it is None (the encoder needs no gradient for the images)."""
+    and d(input) into ``dx_out`` unless it is None (the encoder needs no gradient for the images).
+
+    With ``update`` (:class:`vaecore.optim.LayerUpdates`), each layer's weight and data gradients are
+    left to ``update(first + i, input, delta, d_input)``, which also updates the layer."""
     for i in range(len(layers) - 1, -1, -1):
         layer, delta = layers[i], deltas[i]
         backend.kernels.bias_act_backward(delta, outputs[i], layer.activation, delta, layer.db)
         inputs = x if i == 0 else outputs[i - 1]
-        backend.matmul(inputs.T, delta, layer.dW)
         below = dx_out if i == 0 else deltas[i - 1]
+        if update is not None:
+            update(first + i, inputs, delta, below)
+            continue
+        backend.matmul(inputs.T, delta, layer.dW)
         if below is not None:
             backend.matmul(delta, layer.W.T, below)
 
@@ -173,13 +179,14 @@ class VAE:
         return self.reconstruction_nll(ws, grad_scale), kl
 
     # -- backward -----------------------------------------------------------------------------
-    def backward(self, ws, kl_weight, grad_scale):
-        """Fills ``self.grads`` from ws.dout, which ``loss`` left already scaled by ``grad_scale``."""
+    def backward(self, ws, kl_weight, grad_scale, update=None):
+        """Fills ``self.grads`` from ws.dout, which ``loss`` left already scaled by ``grad_scale``; with
+        ``update``, also updates each layer as soon as its gradient is known (see ``backward_layers``)."""
         k = self.backend.kernels
         n_enc = self.n_encoder
-        backward_layers(self.backend, self.decoder, ws.z, ws.acts[n_enc:], ws.deltas[n_enc:], ws.dz)
+        backward_layers(self.backend, self.decoder, ws.z, ws.acts[n_enc:], ws.deltas[n_enc:], ws.dz, update, n_enc)
         k.reparameterize_kl_backward(ws.stats, ws.eps, ws.dz, kl_weight * grad_scale, ws.dstats)
-        backward_layers(self.backend, self.encoder, ws.x, ws.acts[:n_enc], ws.deltas[:n_enc], None)
+        backward_layers(self.backend, self.encoder, ws.x, ws.acts[:n_enc], ws.deltas[:n_enc], None, update)
 
     # -- what users call ------------------------------------------------------------------------
     def mean_image(self, out):

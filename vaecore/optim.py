@@ -1,8 +1,13 @@
 """Adam whose whole state is three flat buffers and a step count.
 
 The model's parameters and gradients are single flat arrays, so one fused kernel call per step
-updates every weight; the state saves to a checkpoint as two arrays and an integer.
+updates every weight; the state saves to a checkpoint as two arrays and an integer. Where the kernel
+table fuses a layer's gradients with its update (``fuses_layer_adam``: the CPU at a batch of a few
+images), :class:`LayerUpdates` updates each layer inside the backward pass instead: the same update, up
+to float32 rounding in the data gradient's sums.
 """
+
+import math
 
 
 class Adam:
@@ -15,9 +20,41 @@ class Adam:
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
         self.weight_decay, self.clip_norm = weight_decay, clip_norm
 
+    def layer_updates(self, params, grads, blocks):
+        """A :class:`LayerUpdates` for these buffers, or None with clipping: then no layer can be updated
+        before every gradient is known."""
+        if self.clip_norm > 0:
+            return None
+        return LayerUpdates(self, params, grads, blocks)
+
     def step(self, params, grads, blocks=None):
         """Updates ``params`` in place; returns the gradient norm before clipping. ``blocks``, the
         model's ``param_blocks``, only tells the CPU kernel how to share the work among threads."""
         self.t += 1
         return self.backend.kernels.adam_step(params, grads, self.m, self.v, self.t, self.lr, self.beta1,
                                               self.beta2, self.eps, self.weight_decay, self.clip_norm, blocks)
+
+
+class LayerUpdates:
+    """``model.backward(..., update=this)`` after ``start()``: each layer's weight and data gradients and
+    its Adam update in one kernel call (``layer_backward_adam``), so at a small batch W, m and v are
+    streamed once per step instead of three times; ``norm()`` is then the step's gradient norm.
+    Made once per trainer: a step allocates nothing."""
+
+    def __init__(self, adam, params, grads, blocks):
+        self.adam, self.params, self.grads = adam, params, grads
+        self.blocks = [tuple(row) for row in blocks.tolist()]
+        self.squares = 0.0
+
+    def start(self):
+        self.adam.t += 1
+        self.squares = 0.0
+
+    def __call__(self, layer, x, delta, dx_out):
+        a = self.adam
+        self.squares += a.backend.kernels.layer_backward_adam(x, delta, self.params, self.grads, a.m, a.v,
+                                                              self.blocks[layer], dx_out, a.t, a.lr, a.beta1,
+                                                              a.beta2, a.eps, a.weight_decay)
+
+    def norm(self):
+        return math.sqrt(self.squares)

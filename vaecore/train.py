@@ -80,6 +80,8 @@ class Trainer:
         self._binarize = DynamicBinarizer()
         # K > 1: the importance-weighted bound replaces the ELBO (K = 1 would be the ELBO, done below)
         self.objective = ImportanceWeightedObjective(model, config.iw_samples) if config.iw_samples > 1 else None
+        # each layer updated inside the backward pass where the kernels fuse that (None with clipping)
+        self._layer_updates = optimizer.layer_updates(model.params, model.grads, model.param_blocks)
         if len(self.x_train) < config.batch_size:
             raise VaecoreError(f"the training set has {len(self.x_train)} images, fewer than one batch "
                                f"of {config.batch_size}; lower --batch-size or raise --limit")
@@ -106,6 +108,11 @@ class Trainer:
             rec, kl = self.objective.loss_and_backward(ws, grad_scale=scale), 0.0
         else:
             rec, kl = model.loss(ws, grad_scale=scale)
+            update = self._layer_updates
+            if update is not None and backend.kernels.fuses_layer_adam(len(batch)):
+                update.start()
+                model.backward(ws, kl_weight=kl_weight, grad_scale=scale, update=update)
+                return rec, kl, update.norm()
             model.backward(ws, kl_weight=kl_weight, grad_scale=scale)
         grad_norm = self.optimizer.step(model.params, model.grads, model.param_blocks)
         return rec, kl, grad_norm
