@@ -172,6 +172,29 @@ def _by_rows(shape, trans_a, n_parts):
 _ONE_THREAD = threading.Lock()
 
 
+class _OneThread:
+    """``with blas.one_thread:`` runs the body with OpenBLAS's thread count at 1, under ``_ONE_THREAD``,
+    and restores the count. Made once per library, so entering it allocates nothing."""
+
+    def __init__(self, blas):
+        self.blas, self.saved = blas, 1
+
+    def __enter__(self):
+        _ONE_THREAD.acquire()
+        try:
+            self.saved = self.blas.threads()
+            self.blas.set_threads(1)
+        except BaseException:
+            _ONE_THREAD.release()
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            self.blas.set_threads(self.saved)
+        finally:
+            _ONE_THREAD.release()
+
+
 def _split(blas, a, b, out, n_parts):
     """``out = a @ b`` in ``n_parts`` parts (see the module's docstring), and True; or False where the
     layouts are not ones it handles."""
@@ -180,14 +203,8 @@ def _split(blas, a, b, out, n_parts):
             or a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]) or not (out.size and a.shape[1])
             or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
         return False
-    with _ONE_THREAD:
-        threads = blas.threads()
-        blas.set_threads(1)
-        try:
-            _run_parts(blas.sgemm, n_parts, _by_rows(out.shape, trans_a, n_parts), a_c, trans_a, b_c, trans_b,
-                       out)
-        finally:
-            blas.set_threads(threads)
+    with blas.one_thread:
+        _run_parts(blas.sgemm, n_parts, _by_rows(out.shape, trans_a, n_parts), a_c, trans_a, b_c, trans_b, out)
     return True
 
 # -- finding NumPy's OpenBLAS ---------------------------------------------------------------------------
@@ -208,6 +225,7 @@ class _OpenBLAS:
                 self.threads = getattr(lib, getter)
                 self.threads.argtypes, self.threads.restype = [], ctypes.c_int
                 self.sgemm, self.set_threads = self._split_functions(lib, prefix, suffix)
+                self.one_thread = _OneThread(self)
                 return
         raise LookupError("NumPy's OpenBLAS has no openblas_set_threads_callback_function (it needs >= 0.3.27)")
 
@@ -295,6 +313,13 @@ def status():
     if blas is not None:
         why = f"OpenBLAS wants {blas.threads()} threads, Numba gives this thread {threads}"
     return False, why
+
+
+def splitter():
+    """NumPy's OpenBLAS when products are split now (the split above), else None: for kernels that run
+    their own one-thread ``cblas_sgemm`` parts (``kernels.cpu._layer_parts_adam``) in its ``one_thread``."""
+    blas, _ = _lendable()
+    return blas if blas is not None and _splits(blas, get_num_threads()) else None
 
 
 def matmul(a, b, out):

@@ -823,16 +823,48 @@ def _layer_backward_adam(x, d, params, grads, m, v, offset, n_in, n_out, dx, bet
 _NO_DX = np.empty((0, 0), _F32)
 
 
+@njit(**_JIT_PARALLEL)
+def _layer_parts_adam(sgemm, n_parts, x, d, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2,
+                      step_size, root_corr, eps, decay):
+    """Part q owns rows q/n_parts of W. In one-thread OpenBLAS calls (``sgemm``, see kernels/blas_pool.py)
+    it computes their columns of dx = d @ W.T (none when dx has no rows) and their rows of dW = x.T @ d,
+    then updates them -- and the last part the bias -- while they are still in its core's cache; returns
+    the sum of squared gradients. No part reads what another writes. The data gradient's calls are the
+    split's column parts, and elements are updated as ``_adam_parallel`` updates them."""
+    n_rows, n_in = x.shape
+    x0, d0, dx0 = x.ctypes.data, d.ctypes.data, dx.ctypes.data
+    w0, g0 = params.ctypes.data + 4 * offset, grads.ctypes.data + 4 * offset
+    acc = 0.0
+    for q in prange(n_parts):
+        lo, hi = q * n_in // n_parts, (q + 1) * n_in // n_parts
+        if hi > lo:
+            # row-major: dx[:, lo:hi] = d @ W[lo:hi].T, then dW[lo:hi] = x[:, lo:hi].T @ d
+            if dx.shape[0]:
+                blas_pool._call_sgemm(sgemm, blas_pool._NO_TRANS, blas_pool._TRANS, n_rows, hi - lo, n_out,
+                                      d0, n_out, w0 + 4 * lo * n_out, n_out, dx0 + 4 * lo, n_in)
+            blas_pool._call_sgemm(sgemm, blas_pool._TRANS, blas_pool._NO_TRANS, hi - lo, n_out, n_rows,
+                                  x0 + 4 * lo, n_in, d0, n_out, g0 + 4 * lo * n_out, n_out)
+        first, last = offset + lo * n_out, offset + (hi + (q == n_parts - 1)) * n_out
+        acc += _adam_serial(params[first:last], grads[first:last], m[first:last], v[first:last], beta1, beta2,
+                            c1, c2, step_size, root_corr, eps, decay)
+    return acc
+
+
 def fuses_layer_adam_cpu(batch_size):
-    """Whether ``layer_backward_adam_cpu`` runs its fused kernel at this batch size: the small-batch
-    gradient kernels are bound by streaming W, m and v, and in one pass per layer they stream each
-    once (seed-b4 step 243 -> 224 us, engine against engine, 30 alternations)."""
-    return 1 <= batch_size <= config.CPU_SMALL_BATCH and _pool_is_fast()
+    """Whether ``layer_backward_adam_cpu`` fuses at this batch size: up to ``config.CPU_SMALL_BATCH`` on a
+    fast pool, where the gradient kernels are bound by streaming W, m and v and one pass streams each
+    once; above it wherever BLAS's products are split (kernels/blas_pool.py), where each thread updates
+    the rows of W whose gradient its OpenBLAS call has just written."""
+    if batch_size < 1:
+        return False
+    if batch_size <= config.CPU_SMALL_BATCH:
+        return _pool_is_fast()
+    return _pool_is_fast() and blas_pool.splitter() is not None
 
 
 def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, lr, beta1=0.9, beta2=0.999,
                             eps=1e-8, weight_decay=0.0):
-    """One fused pass at a small batch on a fast pool (``fuses_layer_adam_cpu``); else the plain kernels."""
+    """Fused where ``fuses_layer_adam_cpu`` says so, else the plain kernels one after the other."""
     shape = params.shape if isinstance(params, np.ndarray) and params.ndim == 1 else (-1,)
     for name, a in (("params", params), ("grads", grads), ("m", m), ("v", v)):
         _check(name, a, shape)
@@ -849,10 +881,22 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
     if not fuses_layer_adam_cpu(n_rows):
         return layer_backward_adam_composed(matmul_cpu, adam_step_cpu, x, delta, params, grads, m, v, block,
                                             dx_out, step, lr, beta1, beta2, eps, weight_decay)
+    # both kernels take at most 19 arguments: with exactly 20, Numba 0.68's dispatcher kept 200 bytes
+    # per call (measured)
     constants = _adam_constants(step, lr, beta1, beta2, eps, weight_decay, 1.0)
-    # 18 arguments: with exactly 20, Numba 0.68's dispatcher kept 200 bytes per call (measured)
-    return _pooled(_layer_backward_adam, x, delta, params, grads, m, v, offset, n_in, n_out,
-                   _NO_DX if dx_out is None else dx_out, *constants)
+    if n_rows <= config.CPU_SMALL_BATCH:
+        return _pooled(_layer_backward_adam, x, delta, params, grads, m, v, offset, n_in, n_out,
+                       _NO_DX if dx_out is None else dx_out, *constants)
+    blas, parts = blas_pool.splitter(), get_num_threads()
+    if not (blas_pool._by_rows((n_in, n_out), True, parts)
+            and (dx_out is None or not blas_pool._by_rows((n_rows, n_in), False, parts))):
+        # the split would cut dW by columns or dx by rows (a narrow layer: the decoder's first): the
+        # plain products then, so that the bits are the split's whatever BLAS kernel runs
+        return layer_backward_adam_composed(matmul_cpu, adam_step_cpu, x, delta, params, grads, m, v, block,
+                                            dx_out, step, lr, beta1, beta2, eps, weight_decay)
+    with blas.one_thread:
+        return _layer_parts_adam(blas.sgemm, parts, x, delta, params, grads, m, v, offset, n_out,
+                                 _NO_DX if dx_out is None else dx_out, *constants)
 
 
 def matmul_cpu(a, b, out):
@@ -1037,11 +1081,13 @@ def warm_up():
     _rank_update_parallel(x, d, np.empty((4, 3), np.float32), 2)
     _dots_parallel(d, w, np.empty((5, 4), np.float32), 2)
     _rows_times_parallel(x, w, np.empty((5, 3), np.float32), np.empty((2, 5, 3), np.float32))
-    p = np.zeros(4 * 3 + 3, np.float32)
-    layer_backward_adam_cpu(x, d, p, p.copy(), p.copy(), p.copy(), (0, 4, 3), np.empty_like(x), 1, 1e-3)
     pixels_cpu(np.zeros((5, 4), np.uint8), x)
     _pool_is_fast()
     blas_pool.warm_up()
+    p = np.zeros(4 * 3 + 3, np.float32)
+    for rows in (5, config.CPU_SMALL_BATCH + 1):        # both fused ways, where they run
+        x, d = np.ones((rows, 4), np.float32), np.ones((rows, 3), np.float32)
+        layer_backward_adam_cpu(x, d, p, p.copy(), p.copy(), p.copy(), (0, 4, 3), np.empty_like(x), 1, 1e-3)
 
 
 __all__ = [

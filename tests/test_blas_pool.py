@@ -4,6 +4,7 @@ thread, and a plain matmul wherever the pool cannot be lent."""
 
 import contextlib
 import os
+from functools import partial
 import threading
 import time
 
@@ -13,6 +14,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from kernels import blas_pool, config, cpu
+from kernels.adam import layer_backward_adam_composed
 
 cpu.warm_up()          # starts Numba's pool and compiles the callback where it can be used
 LENT, WHY = blas_pool.status()
@@ -219,3 +221,32 @@ def test_engine_steps_with_the_split_repeat_bit_for_bit():
             step.step()
         runs.append(step.model.params.copy())
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@needs_split
+@pytest.mark.parametrize("n_in,n_out", [(784, 400), (400, 784), (400, 40), (20, 400), (3, 5)])
+@pytest.mark.parametrize("with_dx", [True, False])
+def test_layer_update_in_the_split_gives_the_plain_paths_bits(n_in, n_out, with_dx):
+    """At a batch above CPU_SMALL_BATCH, kernels.cpu.layer_backward_adam_cpu runs each thread's column
+    part of the data gradient, row part of the weight gradient and their update in one launch (or,
+    for a layer the split would cut otherwise, the plain products): the bits of the split products
+    followed by adam_step_cpu, whichever OpenBLAS kernel runs."""
+    rng = np.random.default_rng(11)
+    batch, offset = 128, 3
+    assert cpu.fuses_layer_adam_cpu(batch)
+    n = offset + (n_in + 1) * n_out + 2
+    state = [rng.standard_normal(n, np.float32), rng.standard_normal(n, np.float32),
+             np.abs(rng.standard_normal(n, np.float32)) * 0.01, np.abs(rng.standard_normal(n, np.float32)) * 0.01]
+    x, delta = rng.standard_normal((batch, n_in), np.float32), rng.standard_normal((batch, n_out), np.float32)
+    runs = []
+    for kernel in (cpu.layer_backward_adam_cpu, partial(layer_backward_adam_composed, cpu.matmul_cpu, cpu.adam_step_cpu)):
+        out = [a.copy() for a in state]
+        dx = np.full((batch, n_in), np.nan, np.float32) if with_dx else None
+        squares = kernel(x, delta, *out, (offset, n_in, n_out), dx, 2, 1e-3, weight_decay=0.1)
+        runs.append((squares, out, dx))
+    (squares, fused, dx), (squares_plain, plain, dx_plain) = runs
+    for a, b in zip(fused, plain):
+        np.testing.assert_array_equal(a, b)
+    if with_dx:
+        np.testing.assert_array_equal(dx, dx_plain)
+    assert squares == pytest.approx(squares_plain, rel=1e-6)

@@ -132,21 +132,27 @@ def test_cpu_kernels_train_as_the_reference_kernels(batch_size):
     np.testing.assert_allclose(fast.model.params, reference.model.params, rtol=1e-3, atol=1e-5)
 
 
-def test_layer_by_layer_updates_train_as_one_adam_step_after_the_backward():
-    """At batch 4 the CPU table updates each layer inside the backward pass; with that switched off
-    the same run takes the plain backward and one Adam call, and lands in the same place. Clipping
-    needs every gradient first, so it never takes the layer-by-layer path."""
+@pytest.mark.parametrize("batch_size", [4, 16])
+def test_layer_by_layer_updates_train_as_one_adam_step_after_the_backward(batch_size):
+    """The CPU table updates each layer inside the backward pass (at batch 4 in its small-batch kernels,
+    at 16 in the BLAS split); with that switched off the same run takes the plain backward and one
+    Adam call, and lands in the same place. Clipping needs every gradient first, so it never takes the
+    layer-by-layer path."""
     import dataclasses
 
-    config = TrainConfig(batch_size=4, lr=3e-3)
+    from kernels import blas_pool, cpu
+    from kernels.config import CPU_SMALL_BATCH
+
+    config = TrainConfig(batch_size=batch_size, lr=3e-3)
     fused, plain = make_trainer("numpy", config), make_trainer("numpy", config)
-    assert fused.backend.kernels.fuses_layer_adam(4) == (kernels.cpu.parallel_threads() > 1)
+    fast = cpu.parallel_threads() > 1 and (batch_size <= CPU_SMALL_BATCH or blas_pool.splitter() is not None)
+    assert fused.backend.kernels.fuses_layer_adam(batch_size) == fast
     plain.backend.kernels = dataclasses.replace(plain.backend.kernels, fuses_layer_adam=lambda batch_size: False)
     for epoch in (1, 2):
         assert fused.train_epoch(epoch) == pytest.approx(plain.train_epoch(epoch), rel=1e-5)
-    assert fused.optimizer.t == plain.optimizer.t == 64
+    assert fused.optimizer.t == plain.optimizer.t == 2 * 128 // batch_size
     np.testing.assert_allclose(fused.model.params, plain.model.params, rtol=1e-4, atol=1e-6)
-    batch = fused.x_train[:4].copy()
+    batch = fused.x_train[:batch_size].copy()
     assert fused.train_step(batch)[2] == pytest.approx(plain.train_step(batch)[2], rel=1e-4)
     assert make_trainer("numpy", TrainConfig(batch_size=4, clip_grad=1.0))._layer_updates is None
 

@@ -2,9 +2,10 @@
 
 The model's parameters and gradients are single flat arrays, so one fused kernel call per step
 updates every weight; the state saves to a checkpoint as two arrays and an integer. Where the kernel
-table fuses a layer's gradients with its update (``fuses_layer_adam``: the CPU at a batch of a few
-images), :class:`LayerUpdates` updates each layer inside the backward pass instead: the same update, up
-to float32 rounding in the data gradient's sums.
+table fuses a layer's gradients with its update (``fuses_layer_adam``: the CPU table, in its own
+kernels at a batch of a few images and in its split BLAS products above that), :class:`LayerUpdates`
+updates each layer inside the backward pass instead, while its weights and gradients are still in
+cache: the same update, bit for bit on the project's benchmark configurations.
 """
 
 import math
@@ -37,9 +38,8 @@ class Adam:
 
 class LayerUpdates:
     """``model.backward(..., update=this)`` after ``start()``: each layer's weight and data gradients and
-    its Adam update in one kernel call (``layer_backward_adam``), so at a small batch W, m and v are
-    streamed once per step instead of three times; ``norm()`` is then the step's gradient norm.
-    Made once per trainer: a step allocates nothing."""
+    its Adam update in one kernel call (``layer_backward_adam``); ``norm()`` is then the step's gradient
+    norm. Made once per trainer: a step allocates nothing."""
 
     def __init__(self, adam, params, grads, blocks):
         self.adam, self.params, self.grads = adam, params, grads
