@@ -836,7 +836,7 @@ def _layer_parts_adam(sgemm, n_parts, x, d, params, grads, m, v, offset, n_out, 
     w0, g0 = params.ctypes.data + 4 * offset, grads.ctypes.data + 4 * offset
     acc = 0.0
     for q in prange(n_parts):
-        lo, hi = q * n_in // n_parts, (q + 1) * n_in // n_parts
+        lo, hi = blas_pool._bound(q, n_in, n_parts), blas_pool._bound(q + 1, n_in, n_parts)
         if hi > lo:
             # row-major: dx[:, lo:hi] = d @ W[lo:hi].T, then dW[lo:hi] = x[:, lo:hi].T @ d
             if dx.shape[0]:

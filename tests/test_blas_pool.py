@@ -55,6 +55,25 @@ def test_callback_gives_blas_its_own_bits(monkeypatch):
         np.testing.assert_array_equal(out, expected)
 
 
+def bound(q, n, n_parts):
+    """Where the split starts part q (``blas_pool._bound``, spelled out): a multiple of 16 near q * n / n_parts."""
+    return n if q >= n_parts else min(n, (q * n // n_parts + 8) // 16 * 16)
+
+
+def test_parts_start_on_whole_panels_near_equal_shares():
+    assert [blas_pool._bound(q, 400, 2) for q in range(3)] == [0, 208, 400]
+    assert [blas_pool._bound(q, 784, 2) for q in range(3)] == [0, 400, 784]
+    assert [blas_pool._bound(q, 1024, 2) for q in range(3)] == [0, 512, 1024]
+    assert [blas_pool._bound(q, 128, 3) for q in range(4)] == [0, 48, 80, 128]
+    assert [blas_pool._bound(q, 5, 2) for q in range(3)] == [0, 0, 5]          # one part takes it all
+    for n in range(0, 300, 7):
+        for parts in (1, 2, 3, 4):
+            starts = [blas_pool._bound(q, n, parts) for q in range(parts + 1)]
+            assert starts == [bound(q, n, parts) for q in range(parts + 1)]
+            assert starts[0] == 0 and starts[-1] == n and starts == sorted(starts)
+            assert all(x % 16 == 0 or x == n for x in starts)          # or an empty last part
+
+
 def _one_thread_parts(a, b, n_parts):
     """a @ b as the split computes it: OpenBLAS on one thread, per range of rows (or columns)."""
     m, n = a.shape[0], b.shape[1]
@@ -62,8 +81,9 @@ def _one_thread_parts(a, b, n_parts):
     b = b.T.copy().T if b.flags.f_contiguous else b.copy()   # same layout, but NumPy does a @ a.T by syrk
     with threadpool_limits(1, user_api="blas"):
         if by_rows:
-            return np.concatenate([a[q * m // n_parts:(q + 1) * m // n_parts] @ b for q in range(n_parts)])
-        return np.concatenate([a @ b[:, q * n // n_parts:(q + 1) * n // n_parts] for q in range(n_parts)], axis=1)
+            return np.concatenate([a[bound(q, m, n_parts):bound(q + 1, m, n_parts)] @ b for q in range(n_parts)])
+        return np.concatenate([a @ b[:, bound(q, n, n_parts):bound(q + 1, n, n_parts)] for q in range(n_parts)],
+                              axis=1)
 
 
 @needs_split
