@@ -1,4 +1,5 @@
-"""Each fused CPU kernel against its NumPy reference (for matmul: NumPy's BLAS call), at the shapes of
+"""Each fused CPU kernel against its NumPy reference (for matmul: NumPy's BLAS call; for layer_backward_adam:
+the CPU table's plain kernels), at the shapes of
 the three configurations.
 
 Run (the summary at the end prints reference/cpu ratios of the medians from the same run)::
@@ -200,5 +201,35 @@ def test_matmul(benchmark, rng, config, impl, product):
     benchmark.group = f"{kernel}[{config}]"
     benchmark.extra_info.update(config=config, impl=impl)
     benchmark(call, a, b, out)
+    if benchmark.stats is not None:
+        _medians[(kernel, config, impl)] = benchmark.stats.stats.median
+
+
+# The decoder's last layer (hidden -> 784): its weight and data gradients and its Adam update. "cpu" is
+# the fused kernel the engine calls layer by layer; "reference" here is the CPU table's plain kernels
+# one after the other (its matmul and adam_step), what the engine ran before.
+@configs
+@parametrize("impl", ["reference", "cpu"])
+def test_layer_backward_adam(benchmark, rng, config, impl):
+    from kernels.adam import layer_backward_adam_composed
+
+    n_out, hidden, _, batch = CONFIGS[config]
+    n_in = hidden[0]
+    n = (n_in + 1) * n_out
+    params, grads = f32(rng, n), f32(rng, n, 1e-3)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    x, delta, dx = f32(rng, (batch, n_in)), f32(rng, (batch, n_out), 1e-2), np.empty((batch, n_in), np.float32)
+    cpu = kernel_table("cpu")
+    if impl == "cpu":
+        call = cpu.layer_backward_adam
+    else:
+        def call(*args):
+            return layer_backward_adam_composed(cpu.matmul, cpu.adam_step, *args)
+    args = (x, delta, params, grads, m, v, (0, n_in, n_out), dx, 10, 1e-3)
+    call(*args)
+    kernel = "layer_backward_adam(last layer)"
+    benchmark.group = f"{kernel}[{config}]"
+    benchmark.extra_info.update(config=config, impl=impl, fused=cpu.fuses_layer_adam(batch))
+    benchmark(call, *args)
     if benchmark.stats is not None:
         _medians[(kernel, config, impl)] = benchmark.stats.stats.median
