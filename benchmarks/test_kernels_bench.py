@@ -1,6 +1,5 @@
-"""Each fused CPU kernel against its NumPy reference (for matmul: NumPy's BLAS call; for layer_backward_adam:
-the CPU table's plain kernels), at the shapes of
-the three configurations.
+"""Each fused CPU kernel against its NumPy reference (for matmul: NumPy's BLAS call; for
+layer_backward_adam: the CPU table's plain kernels), at the shapes of the three configurations.
 
 Run (the summary at the end prints reference/cpu ratios of the medians from the same run)::
 
