@@ -878,25 +878,34 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
         _check("dx_out", dx_out, (n_rows, n_in))
         if any(np.may_share_memory(dx_out, a) for a in (x, delta, params, grads, m, v)):
             raise ValueError("dx_out must not overlap the other arguments")
-    if not fuses_layer_adam_cpu(n_rows):
+    way = _fused_way(n_rows, n_in, n_out, dx_out is not None)
+    if way is None:
         return layer_backward_adam_composed(matmul_cpu, adam_step_cpu, x, delta, params, grads, m, v, block,
                                             dx_out, step, lr, beta1, beta2, eps, weight_decay)
     # both kernels take at most 19 arguments: with exactly 20, Numba 0.68's dispatcher kept 200 bytes
     # per call (measured)
     constants = _adam_constants(step, lr, beta1, beta2, eps, weight_decay, 1.0)
-    if n_rows <= config.CPU_SMALL_BATCH:
-        return _pooled(_layer_backward_adam, x, delta, params, grads, m, v, offset, n_in, n_out,
-                       _NO_DX if dx_out is None else dx_out, *constants)
-    blas, parts = blas_pool.splitter(), get_num_threads()
-    if not (blas_pool._by_rows((n_in, n_out), True, parts)
-            and (dx_out is None or not blas_pool._by_rows((n_rows, n_in), False, parts))):
-        # the split would cut dW by columns or dx by rows (a narrow layer: the decoder's first): the
-        # plain products then, so that the bits are the split's whatever BLAS kernel runs
-        return layer_backward_adam_composed(matmul_cpu, adam_step_cpu, x, delta, params, grads, m, v, block,
-                                            dx_out, step, lr, beta1, beta2, eps, weight_decay)
+    dx = _NO_DX if dx_out is None else dx_out
+    if way == "small batch":
+        return _pooled(_layer_backward_adam, x, delta, params, grads, m, v, offset, n_in, n_out, dx, *constants)
+    blas = blas_pool.splitter()
     with blas.one_thread:
-        return _layer_parts_adam(blas.sgemm, parts, x, delta, params, grads, m, v, offset, n_out,
-                                 _NO_DX if dx_out is None else dx_out, *constants)
+        return _layer_parts_adam(blas.sgemm, get_num_threads(), x, delta, params, grads, m, v, offset, n_out, dx,
+                                 *constants)
+
+
+def _fused_way(n_rows, n_in, n_out, with_dx):
+    """"small batch", "split" or None (the plain kernels). A layer the split would cut otherwise --
+    dW by columns or dx by rows, as it does the decoder's narrow first layer -- takes the plain
+    products, so that its bits are the split's whatever OpenBLAS kernel runs."""
+    if not fuses_layer_adam_cpu(n_rows):
+        return None
+    if n_rows <= config.CPU_SMALL_BATCH:
+        return "small batch"
+    parts = get_num_threads()
+    dw_by_rows = blas_pool._by_rows((n_in, n_out), True, parts)
+    dx_by_rows = with_dx and blas_pool._by_rows((n_rows, n_in), False, parts)
+    return "split" if dw_by_rows and not dx_by_rows else None
 
 
 def matmul_cpu(a, b, out):
@@ -1095,8 +1104,8 @@ __all__ = [
     "bernoulli_nll_grad_cpu",
     "bias_act_backward_cpu",
     "bias_act_cpu",
-    "gaussian_learned_nll_grad_cpu",
     "fuses_layer_adam_cpu",
+    "gaussian_learned_nll_grad_cpu",
     "gaussian_nll_grad_cpu",
     "layer_backward_adam_cpu",
     "matmul_cpu",
