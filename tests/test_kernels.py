@@ -462,6 +462,22 @@ def test_fused_layer_update_refuses_what_it_cannot_do(rng):
         cpu.layer_backward_adam_cpu(x.astype(np.float64), delta, *state, block, None, 1, 1e-3)
 
 
+@pytest.mark.parametrize("shape", [(128, 784), (257, 300)])
+def test_bernoulli_loss_gives_the_same_bits_on_one_thread_or_all(rng, monkeypatch, shape):
+    """Above LOSS_PARALLEL_MIN elements the loss runs over Numba's threads; its gradient and its
+    total are the serial kernel's bit for bit (rows summed alone, then added in order)."""
+    assert shape[0] * shape[1] >= cpu.LOSS_PARALLEL_MIN
+    logits, x = f32(rng, shape, 3.0), rng.random(shape, dtype=np.float32)
+    runs = []
+    for mode in POOL_MODES:
+        _set_pool_mode(monkeypatch, mode)
+        grad = np.empty(shape, np.float32)
+        runs.append((cpu.bernoulli_nll_grad_cpu(logits, x, 0.01, grad), grad))
+    for total, grad in runs[1:]:
+        assert total == runs[0][0]
+        np.testing.assert_array_equal(grad, runs[0][1])
+
+
 def test_adam_flushes_subnormal_moments_to_zero():
     """Where the gradient stays 0, m decays by beta1 per step into float32's subnormal range, where
     arithmetic is slow; the CPU kernel stores 0 instead, and keeps every normal value as the reference."""
