@@ -34,8 +34,9 @@ class KernelTable:
     matmul: Callable                     # (a, b, out) -> None, out[...] = a @ b
     bias_act: Callable                   # (h, bias, activation) -> None, in place
     bias_act_backward: Callable          # (dy, y, activation, dpre_out, dbias_out) -> None
-    layer_backward_adam: Callable        # (x, delta, params, grads, m, v, block, dx_out, step, lr, beta1, beta2, eps, weight_decay) -> sum of squares
-    fuses_layer_adam: Callable           # (batch_size) -> whether layer_backward_adam beats the plain backward + adam_step
+    # (x, delta, params, grads, m, v, block, dx_out, step, lr, beta1, beta2, eps, weight_decay) -> sum of squares
+    layer_backward_adam: Callable
+    fuses_layer_adam: Callable           # (batch_size) -> whether to call layer_backward_adam per layer
 
 
 REFERENCE = KernelTable(

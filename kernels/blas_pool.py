@@ -135,8 +135,8 @@ def _bound(q, n, n_parts):
 @njit(cache=True, parallel=True, nogil=True)
 def _run_parts(sgemm, n_parts, by_rows, a, trans_a, b, trans_b, c):
     """``c = op(a) @ op(b)`` of C-contiguous ``a``, ``b``, ``c`` (op transposes where asked) in ``n_parts``
-    ranges of c's rows (or columns, from ``_bound``), each an OpenBLAS call on whichever thread takes it (one-thread
-    calls: ``_split`` sets OpenBLAS's count to 1 around this)."""
+    ranges of c's rows (or columns) from ``_bound``, each an OpenBLAS call on whichever thread takes it
+    (one-thread calls: ``_split`` sets OpenBLAS's count to 1 around this)."""
     m, n = c.shape
     k = a.shape[0] if trans_a else a.shape[1]
     lda, ldb = a.shape[1], b.shape[1]

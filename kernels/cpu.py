@@ -956,7 +956,8 @@ def matmul_cpu(a, b, out):
             if a_flags.c_contiguous and m <= small:
                 if b_flags.c_contiguous:                                  # x @ W
                     if parallel:
-                        return _pooled(_rows_times_parallel, a, b, out, _scratch("forward parts", (_FORWARD_PARTS, m, n)))
+                        parts = _scratch("forward parts", (_FORWARD_PARTS, m, n))
+                        return _pooled(_rows_times_parallel, a, b, out, parts)
                     return _rows_times(a, b, out)
                 if b_flags.f_contiguous:                                  # delta @ W.T
                     if parallel:

@@ -259,7 +259,8 @@ def test_layer_update_in_the_split_gives_the_plain_paths_bits(n_in, n_out, with_
              np.abs(rng.standard_normal(n, np.float32)) * 0.01, np.abs(rng.standard_normal(n, np.float32)) * 0.01]
     x, delta = rng.standard_normal((batch, n_in), np.float32), rng.standard_normal((batch, n_out), np.float32)
     runs = []
-    for kernel in (cpu.layer_backward_adam_cpu, partial(layer_backward_adam_composed, cpu.matmul_cpu, cpu.adam_step_cpu)):
+    plain_kernels = partial(layer_backward_adam_composed, cpu.matmul_cpu, cpu.adam_step_cpu)
+    for kernel in (cpu.layer_backward_adam_cpu, plain_kernels):
         out = [a.copy() for a in state]
         dx = np.full((batch, n_in), np.nan, np.float32) if with_dx else None
         squares = kernel(x, delta, *out, (offset, n_in, n_out), dx, 2, 1e-3, weight_decay=0.1)

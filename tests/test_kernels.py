@@ -394,7 +394,8 @@ def _run_layer(kernel, x, delta, state, block, with_dx, **adam):
 
 
 @pytest.mark.parametrize("mode", POOL_MODES)
-@pytest.mark.parametrize("n_in,n_out,batch", [(784, 400, 4), (9, 5, 1), (3, 40, 7), (20, 33, 8), (9, 5, 16), (9, 5, 0)])
+@pytest.mark.parametrize("n_in,n_out,batch",
+                         [(784, 400, 4), (9, 5, 1), (3, 40, 7), (20, 33, 8), (9, 5, 16), (9, 5, 0)])
 @pytest.mark.parametrize("with_dx", [True, False])
 def test_layer_backward_adam_matches_reference(rng, monkeypatch, mode, n_in, n_out, batch, with_dx):
     """Fused at a batch of 1 to CPU_SMALL_BATCH on a fast pool (n_in 3 leaves chunks with no rows; batch
