@@ -19,6 +19,7 @@ from .likelihood import (
     gaussian_nll_grad_reference,
 )
 from .matmul import matmul_reference
+from .pixels import pixels_reference
 from .reparam_kl import reparameterize_kl_backward_reference, reparameterize_kl_reference
 
 
@@ -37,6 +38,7 @@ class KernelTable:
     # (x, delta, params, grads, m, v, block, dx_out, step, lr, beta1, beta2, eps, weight_decay) -> sum of squares
     layer_backward_adam: Callable
     fuses_layer_adam: Callable           # (batch_size) -> whether to call layer_backward_adam per layer
+    pixels: Callable                     # (src_uint8, out) -> None, out[...] = src / 255
 
 
 REFERENCE = KernelTable(
@@ -52,6 +54,7 @@ REFERENCE = KernelTable(
     bias_act_backward=bias_act_backward_reference,
     layer_backward_adam=layer_backward_adam_reference,
     fuses_layer_adam=fuses_layer_adam_reference,
+    pixels=pixels_reference,
 )
 
 

@@ -132,27 +132,34 @@ def _bound(q, n, n_parts):
     return min(n, (q * n // n_parts + _PANEL // 2) // _PANEL * _PANEL)
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def _run_parts(sgemm, n_parts, by_rows, a, trans_a, b, trans_b, c):
-    """``c = op(a) @ op(b)`` of C-contiguous ``a``, ``b``, ``c`` (op transposes where asked) in ``n_parts``
-    ranges of c's rows (or columns) from ``_bound``, each an OpenBLAS call on whichever thread takes it
-    (one-thread calls: ``_split`` sets OpenBLAS's count to 1 around this)."""
+@njit(inline="always")
+def _run_part(sgemm, q, n_parts, by_rows, a, trans_a, b, trans_b, c):
+    """Part q of ``c = op(a) @ op(b)`` (see ``_run_parts``): one OpenBLAS call on its range of c's rows
+    (or columns) from ``_bound``, nothing when the range is empty."""
     m, n = c.shape
     k = a.shape[0] if trans_a else a.shape[1]
     lda, ldb = a.shape[1], b.shape[1]
     a0, b0, c0 = a.ctypes.data, b.ctypes.data, c.ctypes.data
+    if by_rows:
+        lo, hi = _bound(q, m, n_parts), _bound(q + 1, m, n_parts)
+        a_q, b_q, c_q = a0 + 4 * lo * (1 if trans_a else lda), b0, c0 + 4 * lo * n
+        m_q, n_q = hi - lo, n
+    else:
+        lo, hi = _bound(q, n, n_parts), _bound(q + 1, n, n_parts)
+        a_q, b_q, c_q = a0, b0 + 4 * lo * (ldb if trans_b else 1), c0 + 4 * lo
+        m_q, n_q = m, hi - lo
+    if m_q > 0 and n_q > 0:
+        _call_sgemm(sgemm, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
+                    m_q, n_q, k, a_q, lda, b_q, ldb, c_q, n)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _run_parts(sgemm, n_parts, by_rows, a, trans_a, b, trans_b, c):
+    """``c = op(a) @ op(b)`` of C-contiguous ``a``, ``b``, ``c`` (op transposes where asked) in ``n_parts``
+    parts, each an OpenBLAS call on whichever thread takes it (one-thread calls: ``_split`` sets
+    OpenBLAS's count to 1 around this)."""
     for q in prange(n_parts):
-        if by_rows:
-            lo, hi = _bound(q, m, n_parts), _bound(q + 1, m, n_parts)
-            a_q, b_q, c_q = a0 + 4 * lo * (1 if trans_a else lda), b0, c0 + 4 * lo * n
-            m_q, n_q = hi - lo, n
-        else:
-            lo, hi = _bound(q, n, n_parts), _bound(q + 1, n, n_parts)
-            a_q, b_q, c_q = a0, b0 + 4 * lo * (ldb if trans_b else 1), c0 + 4 * lo
-            m_q, n_q = m, hi - lo
-        if m_q > 0 and n_q > 0:
-            _call_sgemm(sgemm, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
-                        m_q, n_q, k, a_q, lda, b_q, ldb, c_q, n)
+        _run_part(sgemm, q, n_parts, by_rows, a, trans_a, b, trans_b, c)
 
 
 def _stored(x):

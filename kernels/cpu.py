@@ -632,8 +632,8 @@ def _pixels(src, out):
 
 
 def pixels_cpu(src, out):
-    """``out[...] = src / 255`` for (B, D) uint8 ``src``, in one pass: the same float32 product (and bits)
-    as NumPy's cast and then multiply in place, which is two passes (128 x 784: 2.7 us against 11.8)."""
+    """In one pass: the same float32 product (and bits) as NumPy's cast and then multiply in place,
+    which is two passes (128 x 784: 2.7 us against 11.8)."""
     shape = _check2d("out", out)
     if not (isinstance(src, np.ndarray) and src.dtype == np.uint8 and src.shape == shape):
         raise ValueError(f"src must be a uint8 array of shape {shape}")
@@ -813,8 +813,6 @@ def _rows_times_parallel(x, W, out, parts):
                 o[j] += p[j]
 
 
-
-
 @njit(**_JIT_PARALLEL)
 def _rank_update_parallel(x, d, out, n_chunks):
     n_in = x.shape[1]
@@ -856,28 +854,42 @@ _NO_DX = np.empty((0, 0), _F32)
 @njit(**_JIT_PARALLEL)
 def _layer_parts_adam(sgemm, n_parts, x, d, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2,
                       step_size, root_corr, eps, decay):
-    """Part q owns rows q/n_parts of W. In one-thread OpenBLAS calls (``sgemm``, see kernels/blas_pool.py)
-    it computes their columns of dx = d @ W.T (none when dx has no rows) and their rows of dW = x.T @ d,
-    then updates them -- and the last part the bias -- while they are still in its core's cache; returns
-    the sum of squared gradients. No part reads what another writes. The data gradient's calls are the
-    split's column parts, and elements are updated as ``_adam_parallel`` updates them."""
-    n_rows, n_in = x.shape
-    x0, d0, dx0 = x.ctypes.data, d.ctypes.data, dx.ctypes.data
-    w0, g0 = params.ctypes.data + 4 * offset, grads.ctypes.data + 4 * offset
+    """Part q owns rows q/n_parts of W. With the split's own one-thread OpenBLAS calls
+    (kernels/blas_pool.py) it computes their columns of dx = d @ W.T (none when dx has no rows) and their
+    rows of dW = x.T @ d, then updates them -- and the last part the bias -- while they are still in its
+    core's cache; returns the sum of squared gradients. No part reads what another writes, and elements
+    are updated as ``_adam_parallel`` updates them."""
+    n_in = x.shape[1]
+    end = offset + n_in * n_out
+    W = params[offset:end].reshape((n_in, n_out))
+    dW = grads[offset:end].reshape((n_in, n_out))
     acc = 0.0
     for q in prange(n_parts):
+        if dx.shape[0]:
+            blas_pool._run_part(sgemm, q, n_parts, False, d, 0, W, 1, dx)      # columns of dx = d @ W.T
+        blas_pool._run_part(sgemm, q, n_parts, True, x, 1, d, 0, dW)           # rows of dW = x.T @ d
         lo, hi = blas_pool._bound(q, n_in, n_parts), blas_pool._bound(q + 1, n_in, n_parts)
-        if hi > lo:
-            # row-major: dx[:, lo:hi] = d @ W[lo:hi].T, then dW[lo:hi] = x[:, lo:hi].T @ d
-            if dx.shape[0]:
-                blas_pool._call_sgemm(sgemm, blas_pool._NO_TRANS, blas_pool._TRANS, n_rows, hi - lo, n_out,
-                                      d0, n_out, w0 + 4 * lo * n_out, n_out, dx0 + 4 * lo, n_in)
-            blas_pool._call_sgemm(sgemm, blas_pool._TRANS, blas_pool._NO_TRANS, hi - lo, n_out, n_rows,
-                                  x0 + 4 * lo, n_in, d0, n_out, g0 + 4 * lo * n_out, n_out)
         first, last = offset + lo * n_out, offset + (hi + (q == n_parts - 1)) * n_out
         acc += _adam_serial(params[first:last], grads[first:last], m[first:last], v[first:last], beta1, beta2,
                             c1, c2, step_size, root_corr, eps, decay)
     return acc
+
+
+def _split_blas(batch_size):
+    """NumPy's OpenBLAS where a layer at this batch is updated inside the split products (above
+    ``config.CPU_SMALL_BATCH``, on a fast pool, while products are split), else None."""
+    if batch_size <= config.CPU_SMALL_BATCH or not _pool_is_fast():
+        return None
+    return blas_pool.splitter()
+
+
+def _split_fits(n_rows, n_in, n_out, with_dx):
+    """Whether the split cuts this layer's dW by rows and its dx by columns, as ``_layer_parts_adam``
+    does. A layer it cuts otherwise (the decoder's narrow first layer) takes the plain products, so that
+    its bits are the split's whatever OpenBLAS kernel runs."""
+    parts = get_num_threads()
+    return (blas_pool._by_rows((n_in, n_out), True, parts)
+            and not (with_dx and blas_pool._by_rows((n_rows, n_in), False, parts)))
 
 
 def fuses_layer_adam_cpu(batch_size):
@@ -885,11 +897,9 @@ def fuses_layer_adam_cpu(batch_size):
     fast pool, where the gradient kernels are bound by streaming W, m and v and one pass streams each
     once; above it wherever BLAS's products are split (kernels/blas_pool.py), where each thread updates
     the rows of W whose gradient its OpenBLAS call has just written."""
-    if batch_size < 1:
-        return False
-    if batch_size <= config.CPU_SMALL_BATCH:
+    if 1 <= batch_size <= config.CPU_SMALL_BATCH:
         return _pool_is_fast()
-    return _pool_is_fast() and blas_pool.splitter() is not None
+    return _split_blas(batch_size) is not None
 
 
 def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, lr, beta1=0.9, beta2=0.999,
@@ -908,34 +918,20 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
         _check("dx_out", dx_out, (n_rows, n_in))
         if any(np.may_share_memory(dx_out, a) for a in (x, delta, params, grads, m, v)):
             raise ValueError("dx_out must not overlap the other arguments")
-    way = _fused_way(n_rows, n_in, n_out, dx_out is not None)
-    if way is None:
+    small = 1 <= n_rows <= config.CPU_SMALL_BATCH and _pool_is_fast()
+    blas = None if small else _split_blas(n_rows)
+    if not small and (blas is None or not _split_fits(n_rows, n_in, n_out, dx_out is not None)):
         return layer_backward_adam_composed(matmul_cpu, adam_step_cpu, x, delta, params, grads, m, v, block,
                                             dx_out, step, lr, beta1, beta2, eps, weight_decay)
     # both kernels take at most 19 arguments: with exactly 20, Numba 0.68's dispatcher kept 200 bytes
     # per call (measured)
     constants = _adam_constants(step, lr, beta1, beta2, eps, weight_decay, 1.0)
     dx = _NO_DX if dx_out is None else dx_out
-    if way == "small batch":
+    if small:
         return _pooled(_layer_backward_adam, x, delta, params, grads, m, v, offset, n_in, n_out, dx, *constants)
-    blas = blas_pool.splitter()
     with blas.one_thread:
         return _layer_parts_adam(blas.sgemm, get_num_threads(), x, delta, params, grads, m, v, offset, n_out, dx,
                                  *constants)
-
-
-def _fused_way(n_rows, n_in, n_out, with_dx):
-    """"small batch", "split" or None (the plain kernels). A layer the split would cut otherwise --
-    dW by columns or dx by rows, as it does the decoder's narrow first layer -- takes the plain
-    products, so that its bits are the split's whatever OpenBLAS kernel runs."""
-    if not fuses_layer_adam_cpu(n_rows):
-        return None
-    if n_rows <= config.CPU_SMALL_BATCH:
-        return "small batch"
-    parts = get_num_threads()
-    dw_by_rows = blas_pool._by_rows((n_in, n_out), True, parts)
-    dx_by_rows = with_dx and blas_pool._by_rows((n_rows, n_in), False, parts)
-    return "split" if dw_by_rows and not dx_by_rows else None
 
 
 def matmul_cpu(a, b, out):

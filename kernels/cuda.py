@@ -385,6 +385,11 @@ def fuses_layer_adam_cuda(batch_size):
     return False
 
 
+def pixels_cuda(src, out):
+    """One CuPy multiply of the uint8 staging buffer into ``out`` (NumPy's under the simulator)."""
+    _namespace(out).multiply(src, np.float32(1.0 / 255.0), out=out)
+
+
 def matmul_cuda(a, b, out):
     """cuBLAS through CuPy (NumPy's matmul under the simulator)."""
     _namespace(out).matmul(a, b, out=out)
@@ -423,6 +428,7 @@ __all__ = [
     "fuses_layer_adam_cuda",
     "layer_backward_adam_cuda",
     "matmul_cuda",
+    "pixels_cuda",
     "bernoulli_nll_grad_cuda",
     "bias_act_backward_cuda",
     "bias_act_cuda",

@@ -32,6 +32,7 @@ from kernels.likelihood import (
     gaussian_learned_nll_grad_reference,
     gaussian_nll_grad_reference,
 )
+from kernels.pixels import pixels_reference
 from kernels.reparam_kl import reparameterize_kl_backward_reference, reparameterize_kl_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,6 +210,16 @@ def test_adam_step(dev, rng, weight_decay, clip_norm):
             assert float(norm) == pytest.approx(norm_ref, rel=RTOL)
         for a, b in zip(out, ref):
             np.testing.assert_allclose(dev.get(a), b, rtol=RTOL, atol=1e-7)
+
+
+def test_pixels(dev, rng):
+    src = rng.integers(0, 256, (5, 37), dtype=np.uint8)
+    src[0, :2] = 0, 255
+    ref = np.empty(src.shape, np.float32)
+    pixels_reference(src, ref)
+    out = dev.put(np.full(src.shape, np.nan, np.float32))
+    dev.k.pixels_cuda(dev.put(src), out)
+    np.testing.assert_array_equal(dev.get(out), ref)
 
 
 def test_layer_backward_adam(dev, rng):

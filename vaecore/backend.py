@@ -88,27 +88,17 @@ class Backend:
             self.copy_from_host(out, host_buffer)
 
     def images_into(self, out, host_uint8):
-        """``out[...] = host_uint8 / 255`` as float on the device; only uint8 crosses to it."""
+        """``out[...] = host_uint8 / 255`` as float on the device (the table's ``pixels``); only uint8
+        crosses to it, through a staging buffer made once per batch shape."""
         if self.name == "numpy":
-            if (self.kernels.name == "cpu" and out.dtype == np.float32 and out.flags.c_contiguous
-                    and host_uint8.dtype == np.uint8 and host_uint8.shape == out.shape):
-                import kernels.cpu
-
-                kernels.cpu.pixels_cpu(host_uint8, out)          # the same bits in one pass
-                return
-            # convert first, then scale in place: a mixed uint8 * float32 ufunc would allocate a cast buffer
-            np.copyto(out, host_uint8, casting="unsafe")
-            np.multiply(out, out.dtype.type(1.0 / 255.0), out=out)
+            self.kernels.pixels(host_uint8, out)
             return
         staging = self._staging.get(host_uint8.shape)
         if staging is None:
             staging = self._staging[host_uint8.shape] = self.xp.empty(host_uint8.shape, dtype=self.xp.uint8,
                                                                        **self._where())
         self.copy_from_host(staging, host_uint8)
-        if self.name == "cupy":
-            self.xp.multiply(staging, np.float32(1.0 / 255.0), out=out)
-        else:
-            out[...] = self.xp.astype(staging, self.dtype) * (1.0 / 255.0)
+        self.kernels.pixels(staging, out)
 
     def warm_up(self):
         """Compiles the CPU kernels, or loads them from Numba's disk cache (seconds the first time)."""
