@@ -887,7 +887,7 @@ def _split_fits(n_rows, n_in, n_out, with_dx):
     """Whether the split cuts this layer's dW by rows and its dx by columns, as ``_layer_parts_adam``
     does. A layer it cuts otherwise (the decoder's narrow first layer) takes the plain products, so that
     its bits are the split's whatever OpenBLAS kernel runs."""
-    parts = get_num_threads()
+    parts = blas_pool.thread_count()
     return (blas_pool._by_rows((n_in, n_out), True, parts)
             and not (with_dx and blas_pool._by_rows((n_rows, n_in), False, parts)))
 
@@ -908,7 +908,7 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
     shape = params.shape if isinstance(params, np.ndarray) and params.ndim == 1 else (-1,)
     for name, a in (("params", params), ("grads", grads), ("m", m), ("v", v)):
         _check(name, a, shape)
-    offset, n_in, n_out = (int(n) for n in block)
+    offset, n_in, n_out = map(int, block)
     if offset < 0 or n_in < 1 or n_out < 1 or offset + (n_in + 1) * n_out > params.size:
         raise ValueError(f"block {tuple(block)} does not fit in {params.size} parameters")
     n_rows = _check2d("x", x)[0]
@@ -916,8 +916,9 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
     _check("delta", delta, (n_rows, n_out))
     if dx_out is not None:
         _check("dx_out", dx_out, (n_rows, n_in))
-        if any(np.may_share_memory(dx_out, a) for a in (x, delta, params, grads, m, v)):
-            raise ValueError("dx_out must not overlap the other arguments")
+        for a in (x, delta, params, grads, m, v):
+            if np.may_share_memory(dx_out, a):
+                raise ValueError("dx_out must not overlap the other arguments")
     small = 1 <= n_rows <= config.CPU_SMALL_BATCH and _pool_is_fast()
     blas = None if small else _split_blas(n_rows)
     if not small and (blas is None or not _split_fits(n_rows, n_in, n_out, dx_out is not None)):
@@ -930,8 +931,8 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
     if small:
         return _pooled(_layer_backward_adam, x, delta, params, grads, m, v, offset, n_in, n_out, dx, *constants)
     with blas.one_thread:
-        return _layer_parts_adam(blas.sgemm, get_num_threads(), x, delta, params, grads, m, v, offset, n_out, dx,
-                                 *constants)
+        return _layer_parts_adam(blas.sgemm, blas_pool.thread_count(), x, delta, params, grads, m, v, offset,
+                                 n_out, dx, *constants)
 
 
 def matmul_cpu(a, b, out):
@@ -987,7 +988,7 @@ def _pooled(kernel, *args):
 
 
 def _on_one_thread(kernel, args):
-    threads = get_num_threads()
+    threads = blas_pool.thread_count()
     set_num_threads(1)                   # this thread's setting only
     try:
         return kernel(*args)

@@ -44,6 +44,21 @@ def numba_threads(n):
         numba.set_num_threads(before)
 
 
+def test_thread_count_is_numbas_count_for_the_calling_thread():
+    """The fast getter answers what numba.get_num_threads() does, after a set_num_threads on this
+    thread, and on another Python thread (each thread has its own setting)."""
+    assert blas_pool.thread_count() == numba.get_num_threads()
+    with numba_threads(1):
+        assert blas_pool.thread_count() == numba.get_num_threads() == 1
+    assert blas_pool.thread_count() == numba.get_num_threads()
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append((blas_pool.thread_count(), numba.get_num_threads())))
+    with numba_threads(1):
+        worker.start()
+        worker.join()
+    assert seen[0][0] == seen[0][1]
+
+
 @needs_lending
 def test_callback_gives_blas_its_own_bits(monkeypatch):
     monkeypatch.setattr(config, "CPU_BLAS_SPLIT_THREADS", 0)
