@@ -103,9 +103,10 @@ def thread_count():
     """``numba.get_num_threads()`` without the lock that it takes on every call to be sure the pool has
     started (0.48 us a call, and an example-b128 step made 18): once it has, the threading layer's own
     getter answers, in 0.07 us. Numba keeps that getter under a private name; where it is missing, the
-    public function answers every time."""
+    public function answers every time (and it raises, as it would, for a count Numba calls a bug)."""
     if _COUNT:
-        return _COUNT[0]()
+        n = _COUNT[0]()
+        return n if n > 0 else get_num_threads()
     n = get_num_threads()
     getter = getattr(_numba_parallel, "_get_num_threads", None)
     if callable(getter) and getter() == n:
