@@ -102,8 +102,8 @@ _COUNT = []      # the threading layer's own getter of the calling thread's coun
 def thread_count():
     """``numba.get_num_threads()`` without the lock that it takes on every call to be sure the pool has
     started (0.48 us a call, and an example-b128 step made 18): once it has, the threading layer's own
-    getter answers, in 0.07 us. Numba keeps that getter under a private name; where it is missing, the
-    public function answers every time (and it raises, as it would, for a count Numba calls a bug)."""
+    getter answers, in 0.07 us. Numba keeps that getter under a private name. Where it is missing, or
+    gives a count below 1 (which the public function reports as a bug in Numba), the public one answers."""
     if _COUNT:
         n = _COUNT[0]()
         return n if n > 0 else get_num_threads()
