@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .adam import adam_step_reference, fuses_layer_adam_reference, layer_backward_adam_reference
-from .bias_act import ACTIVATIONS, bias_act_backward_reference, bias_act_reference
+from .bias_act import ACTIVATIONS, bias_act_backward_reference, bias_act_reference, linear_act_reference
 from .likelihood import (
     bernoulli_nll_grad_reference,
     gaussian_learned_nll_grad_reference,
@@ -35,6 +35,7 @@ class KernelTable:
     matmul: Callable                     # (a, b, out) -> None, out[...] = a @ b
     bias_act: Callable                   # (h, bias, activation) -> None, in place
     bias_act_backward: Callable          # (dy, y, activation, dpre_out, dbias_out) -> None
+    linear_act: Callable                 # (x, W, bias, activation, out) -> None, out[...] = act(x @ W + bias)
     # (x, delta, params, grads, m, v, block, dx_out, step, lr, beta1, beta2, eps, weight_decay) -> sum of squares
     layer_backward_adam: Callable
     fuses_layer_adam: Callable           # (batch_size) -> whether to call layer_backward_adam per layer
@@ -52,6 +53,7 @@ REFERENCE = KernelTable(
     matmul=matmul_reference,
     bias_act=bias_act_reference,
     bias_act_backward=bias_act_backward_reference,
+    linear_act=linear_act_reference,
     layer_backward_adam=layer_backward_adam_reference,
     fuses_layer_adam=fuses_layer_adam_reference,
     pixels=pixels_reference,

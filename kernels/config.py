@@ -41,6 +41,15 @@ CPU_SHARE_BLAS_THREADS = True
 # the split runs while Numba has at most this many threads. Beyond that, or at 0: OpenBLAS's own jobs on
 # Numba's threads (its callback), the same bits as OpenBLAS's own threads.
 CPU_BLAS_SPLIT_THREADS = 2
+# Above CPU_SMALL_BATCH and up to this batch, while products are split, a layer's forward is split over
+# the rows of W instead -- each thread takes the rows its Adam updates, so it reads the weights it
+# wrote -- and the threads then add the partial products in order, with the bias and activation, each
+# into its rows of the output (kernels.cpu.linear_act_cpu). On the project's machine, data written by
+# one core reaches the other 2.5x slower in phases (benchmarks/RESULTS.md). example-b128 step, one
+# process, in turn with the split by columns then the bias and activation: 1.052-1.057 old/new in those
+# phases (new faster in 40 of 40 and 53 of 53 alternations), 1.000 outside them (7 alternations).
+# wide-b512, in those phases: 1.029 (29 of 30); outside them an earlier version was 2% slower there.
+CPU_FORWARD_PARTS_MAX_BATCH = 128
 
 # Numba threading layers whose threads wait ready between parallel calls; only these run the parallel
 # kernels and take OpenBLAS's jobs (workqueue wakes sleeping threads per call, see below).

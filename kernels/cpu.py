@@ -42,7 +42,7 @@ from numba.extending import intrinsic
 
 from . import blas_pool, config
 from .adam import layer_backward_adam_composed
-from .bias_act import ACTIVATIONS, activation_code
+from .bias_act import ACTIVATIONS, activation_code, linear_act_composed
 from .likelihood import LOG_2PI
 
 # -- compile settings ---------------------------------------------------------------------------------
@@ -535,26 +535,36 @@ def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-
 # -- 4. bias + activation ------------------------------------------------------------------------------
 
 @njit(**_JIT)
-def _bias_act(h, bias, code):
-    n_rows, n_cols = h.shape
-    # one loop nest per activation, so each inner loop is branch-free and vectorises
+def _bias_act_columns(h, bias, code, lo, hi):
+    """Columns lo:hi of ``h[...] = act(h + bias)``. One loop nest per activation, so each inner loop is
+    branch-free and vectorises; the column index is unsigned, because from a signed ``lo`` Numba's
+    wraparound of negative indices stayed in the loops and they did not vectorise (over two threads by
+    column halves, 512x1024 took 120 us against 20 us on one). Not inlined: inlined into a prange
+    kernel, a loop like these ran 3x slower than alone."""
+    lo, hi = np.uint64(lo), np.uint64(hi)
+    n_rows = h.shape[0]
     if code == 0:
         for i in range(n_rows):
-            for j in range(n_cols):
+            for j in range(lo, hi):
                 h[i, j] = h[i, j] + bias[j]
     elif code == 1:
         for i in range(n_rows):
-            for j in range(n_cols):
+            for j in range(lo, hi):
                 pre = h[i, j] + bias[j]
                 h[i, j] = _f(0.0) if pre < _f(0.0) else pre
     elif code == 2:
         for i in range(n_rows):
-            for j in range(n_cols):
+            for j in range(lo, hi):
                 h[i, j] = _tanh32(h[i, j] + bias[j])
     else:
         for i in range(n_rows):
-            for j in range(n_cols):
+            for j in range(lo, hi):
                 h[i, j] = _sigmoid32(h[i, j] + bias[j])
+
+
+@njit(**_JIT)
+def _bias_act(h, bias, code):
+    _bias_act_columns(h, bias, code, 0, h.shape[1])
 
 
 @njit(**_JIT)
@@ -875,6 +885,77 @@ def _layer_parts_adam(sgemm, n_parts, x, d, params, grads, m, v, offset, n_out, 
     return acc
 
 
+@njit(**_JIT)
+def _sum_parts_bias_act(partials, bias, code, out):
+    """``out = act(partials[0] + partials[1] + ... + bias)``, the parts added in that order."""
+    for i in range(out.shape[0]):
+        o = out[i]
+        for j in range(o.size):
+            o[j] = partials[0, i, j]
+        for p in range(1, partials.shape[0]):
+            row = partials[p, i]
+            for j in range(o.size):
+                o[j] += row[j]
+    _bias_act(out, bias, code)
+
+
+@njit(**_JIT_PARALLEL)
+def _linear_act_parts(sgemm, x, W, bias, code, out, partials):
+    """``out = act(x @ W + bias)`` as ``len(partials)`` products over ranges of the rows of W -- the
+    ranges ``_layer_parts_adam`` gives each part to update, so each thread reads the rows of W it wrote
+    -- each a one-thread OpenBLAS call into its ``partials[q]``; then part q adds the partial products
+    in order, with the bias and activation, into its rows of ``out``. The same bits whichever thread
+    runs a part."""
+    n_parts = partials.shape[0]
+    n_rows, n_in = x.shape
+    n_out = W.shape[1]
+    for q in prange(n_parts):
+        lo, hi = blas_pool._bound(q, n_in, n_parts), blas_pool._bound(q + 1, n_in, n_parts)
+        part = partials[q]
+        if hi > lo:
+            blas_pool._call_sgemm(sgemm, blas_pool._NO_TRANS, blas_pool._NO_TRANS, n_rows, n_out, hi - lo,
+                                  x.ctypes.data + 4 * lo, n_in, W.ctypes.data + 4 * lo * n_out, n_out,
+                                  part.ctypes.data, n_out)
+        else:                                   # fewer rows of W than parts of 16
+            part[:, :] = _f(0.0)
+    for q in prange(n_parts):
+        lo, hi = blas_pool._bound(q, n_rows, n_parts), blas_pool._bound(q + 1, n_rows, n_parts)
+        _sum_parts_bias_act(partials[:, lo:hi], bias, code, out[lo:hi])
+
+
+def _forward_parts_blas(x, W, out):
+    """NumPy's OpenBLAS where ``_linear_act_parts`` takes this forward -- C-contiguous float32 operands,
+    ``out`` apart from ``x`` and ``W``, a batch above ``config.CPU_SMALL_BATCH`` and at most
+    ``config.CPU_FORWARD_PARTS_MAX_BATCH``, products split -- else None."""
+    if not (type(x) is np.ndarray and x.ndim == 2
+            and config.CPU_SMALL_BATCH < x.shape[0] <= config.CPU_FORWARD_PARTS_MAX_BATCH):
+        return None
+    for a in (x, W, out):
+        if not (isinstance(a, np.ndarray) and a.ndim == 2 and a.dtype == _F32 and a.flags.c_contiguous):
+            return None
+    if np.may_share_memory(out, x) or np.may_share_memory(out, W):
+        return None
+    return _split_blas(x.shape[0])
+
+
+def linear_act_cpu(x, W, bias, activation, out):
+    """``_linear_act_parts`` where ``_forward_parts_blas`` says so, else ``matmul_cpu`` then
+    ``bias_act_cpu``."""
+    code = activation_code(activation)
+    blas = _forward_parts_blas(x, W, out)
+    if blas is None:
+        return linear_act_composed(matmul_cpu, bias_act_cpu, x, W, bias, activation, out)
+    (n_rows, n_in), n_out = x.shape, W.shape[1]
+    _check("W", W, (n_in, n_out))
+    _check("bias", bias, (n_out,))
+    _check("out", out, (n_rows, n_out))
+    if np.may_share_memory(out, bias):
+        raise ValueError("out must not overlap bias")
+    partials = _scratch("forward partials", (blas_pool.thread_count(), n_rows, n_out))
+    with blas.one_thread:
+        _linear_act_parts(blas.sgemm, x, W, bias, code, out, partials)
+
+
 def _split_blas(batch_size):
     """NumPy's OpenBLAS where a layer at this batch is updated inside the split products (above
     ``config.CPU_SMALL_BATCH``, on a fast pool, while products are split), else None."""
@@ -1126,6 +1207,7 @@ def warm_up():
     for rows in (5, config.CPU_SMALL_BATCH + 1):        # both fused ways, where they run
         x, d = np.ones((rows, 4), np.float32), np.ones((rows, 3), np.float32)
         layer_backward_adam_cpu(x, d, p, p.copy(), p.copy(), p.copy(), (0, 4, 3), np.empty_like(x), 1, 1e-3)
+        linear_act_cpu(x, w, w[0], "relu", np.empty((rows, 3), np.float32))
 
 
 __all__ = [
@@ -1137,6 +1219,7 @@ __all__ = [
     "gaussian_learned_nll_grad_cpu",
     "gaussian_nll_grad_cpu",
     "layer_backward_adam_cpu",
+    "linear_act_cpu",
     "matmul_cpu",
     "pixels_cpu",
     "reparameterize_kl_backward_cpu",

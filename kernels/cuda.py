@@ -27,7 +27,7 @@ from numba import cuda, float32, float64
 
 from . import config
 from .adam import layer_backward_adam_composed
-from .bias_act import activation_code
+from .bias_act import activation_code, linear_act_composed
 from .likelihood import LOG_2PI
 
 # Shared-memory size of the block reduction: the hardware's maximum threads per block, so any launch
@@ -404,6 +404,11 @@ def bias_act_cuda(h, bias, activation):
         _bias_act_kernel[blocks, tpb, _stream(_namespace(h))](h, bias, code)
 
 
+def linear_act_cuda(x, W, bias, activation, out):
+    """cuBLAS, then the bias + activation kernel above."""
+    linear_act_composed(matmul_cuda, bias_act_cuda, x, W, bias, activation, out)
+
+
 def bias_act_backward_cuda(dy, y, activation, dpre_out, dbias_out):
     code = activation_code(activation)
     n_rows, n_cols = _check2d("dy", dy)
@@ -427,6 +432,7 @@ __all__ = [
     "adam_step_cuda",
     "fuses_layer_adam_cuda",
     "layer_backward_adam_cuda",
+    "linear_act_cuda",
     "matmul_cuda",
     "pixels_cuda",
     "bernoulli_nll_grad_cuda",

@@ -114,6 +114,28 @@ def test_split_gives_one_thread_blas_bits_of_each_part():
 
 
 @needs_split
+@pytest.mark.parametrize("n_in", [784, 20, 10])
+def test_forward_over_rows_of_w_gives_one_thread_blas_parts_added_in_order(n_in):
+    """At a batch of 9 to 128, a layer's forward is one one-thread OpenBLAS product per part of W's
+    rows (10 rows: an empty first part), added in order, then the bias and activation."""
+    rng = np.random.default_rng(11)
+    x, W = rng.standard_normal((128, n_in), np.float32), rng.standard_normal((n_in, 400), np.float32)
+    bias = rng.standard_normal(400, np.float32)
+    out = np.full((128, 400), np.nan, np.float32)
+    assert cpu._forward_parts_blas(x, W, out) is not None
+    cpu.linear_act_cpu(x, W, bias, "relu", out)
+    n_parts = numba.get_num_threads()
+    with threadpool_limits(1, user_api="blas"):
+        parts = [x[:, bound(q, n_in, n_parts):bound(q + 1, n_in, n_parts)].copy()
+                 @ W[bound(q, n_in, n_parts):bound(q + 1, n_in, n_parts)] for q in range(n_parts)]
+    expected = parts[0]
+    for part in parts[1:]:
+        expected = expected + part
+    cpu.bias_act_cpu(expected, bias, "relu")
+    np.testing.assert_array_equal(out, expected)
+
+
+@needs_split
 def test_split_bits_do_not_depend_on_which_thread_runs_a_part():
     rng = np.random.default_rng(10)
     blas = blas_pool._numpy_openblas()

@@ -25,7 +25,7 @@ import pytest
 import kernels
 from kernels import cpu
 from kernels.adam import adam_step_reference, layer_backward_adam_reference
-from kernels.bias_act import ACTIVATIONS, bias_act_backward_reference, bias_act_reference
+from kernels.bias_act import ACTIVATIONS, bias_act_backward_reference, bias_act_reference, linear_act_reference
 from kernels.likelihood import (
     bernoulli_nll_grad_reference,
     gaussian_learned_nll_grad_reference,
@@ -534,6 +534,36 @@ def test_bias_act_backward_matches_reference(rng, shape, activation, in_place):
     cpu.bias_act_backward_cpu(dy_cpu, y, activation, dpre_cpu, dbias_cpu)
     np.testing.assert_allclose(dpre_cpu, dpre_ref, rtol=RTOL, atol=1e-6)
     np.testing.assert_allclose(dbias_cpu, dbias_ref, rtol=RTOL, atol=1e-5 * max(shape[0], 1) ** 0.5)
+
+
+@pytest.mark.parametrize("batch, n_in, n_out", [(4, 784, 400), (16, 784, 400), (128, 400, 784), (128, 20, 400),
+                                                (128, 10, 40), (100, 3, 5), (129, 400, 40), (0, 7, 5)])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_linear_act_matches_reference(rng, batch, n_in, n_out, activation):
+    """Whichever way the CPU table takes a layer's forward (its small-batch kernels up to 8 rows, the
+    split over W's rows up to 128, fewer rows of W than parts of 16 floats, BLAS then the bias and
+    activation above), it is the reference's."""
+    x, W, bias = f32(rng, (batch, n_in)), f32(rng, (n_in, n_out), n_in ** -0.5), f32(rng, n_out)
+    out, ref = np.full((batch, n_out), np.nan, np.float32), np.empty((batch, n_out), np.float32)
+    assert cpu.linear_act_cpu(x, W, bias, activation, out) is None
+    linear_act_reference(x, W, bias, activation, ref)
+    np.testing.assert_allclose(out, ref, rtol=RTOL, atol=1e-5 * n_in ** 0.5)
+
+
+def test_linear_act_into_its_own_input_and_bad_arguments():
+    rng = np.random.default_rng(5)
+    x, W, bias = f32(rng, (16, 6)), f32(rng, (6, 6), 0.4), f32(rng, 6)
+    ref = np.empty_like(x)
+    linear_act_reference(x, W, bias, "tanh", ref)
+    cpu.linear_act_cpu(x, W, bias, "tanh", x)                # out is x: NumPy's product, which allows it
+    np.testing.assert_allclose(x, ref, rtol=RTOL, atol=1e-6)
+    out = np.empty((16, 6), np.float32)
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        cpu.linear_act_cpu(x, W, bias[:4].copy(), "relu", out)
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        cpu.linear_act_cpu(x, W, bias, "gelu", out)
+    with pytest.raises(ValueError, match="(?i)out"):
+        cpu.linear_act_cpu(x, W, bias, "relu", np.empty((16, 5), np.float32))
 
 
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])

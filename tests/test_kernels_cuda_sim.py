@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from kernels.adam import adam_step_reference, layer_backward_adam_reference
-from kernels.bias_act import ACTIVATIONS, bias_act_backward_reference, bias_act_reference
+from kernels.bias_act import ACTIVATIONS, bias_act_backward_reference, bias_act_reference, linear_act_reference
 from kernels.likelihood import (
     bernoulli_nll_grad_reference,
     gaussian_learned_nll_grad_reference,
@@ -249,6 +249,17 @@ def test_adam_norm_reports_nan_and_inf_gradients(dev, bad):
     norm = float(dev.k.adam_step_cuda(dev.put(z), dev.put(grads), dev.put(z), dev.put(z), 1, 1e-3,
                                       clip_norm=1.0))
     assert math.isnan(norm) if np.isnan(bad) else math.isinf(norm)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_linear_act(dev, rng, activation):
+    """cuBLAS, then the bias + activation kernel."""
+    x, W, bias = f32(rng, (6, 9)), f32(rng, (9, 5), 0.3), f32(rng, 5)
+    ref = np.empty((6, 5), np.float32)
+    linear_act_reference(x, W, bias, activation, ref)
+    out = dev.put(np.full((6, 5), np.nan, np.float32))
+    dev.k.linear_act_cuda(dev.put(x), dev.put(W), dev.put(bias), activation, out)
+    np.testing.assert_allclose(dev.get(out), ref, rtol=RTOL, atol=1e-6)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -45,9 +45,9 @@ def layer_dims(config: ModelConfig):
 
 def forward_layers(backend, layers, h, outputs):
     """``h`` through ``layers``, each output into its preallocated buffer; returns the last."""
+    linear_act = backend.kernels.linear_act
     for layer, out in zip(layers, outputs):
-        backend.matmul(h, layer.W, out)
-        backend.kernels.bias_act(out, layer.b, layer.activation)
+        linear_act(h, layer.W, layer.b, layer.activation, out)
         h = out
     return h
 
