@@ -48,7 +48,8 @@ CPU_BLAS_SPLIT_THREADS = 2
 # one core reaches the other 2.5x slower in phases (benchmarks/RESULTS.md). example-b128 step, one
 # process, in turn with the split by columns then the bias and activation: 1.052-1.057 old/new in those
 # phases (new faster in 40 of 40 and 53 of 53 alternations), 1.000 outside them (7 alternations).
-# wide-b512, in those phases: 1.029 (29 of 30); outside them an earlier version was 2% slower there.
+# wide-b512 (its batch of 512 switched on for the test): 1.029 and 1.042 in those phases, but 0.972
+# outside them (new faster in 6 of 23): its partial products are 2 MB each, written and read again.
 CPU_FORWARD_PARTS_MAX_BATCH = 128
 
 # Numba threading layers whose threads wait ready between parallel calls; only these run the parallel
