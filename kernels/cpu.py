@@ -535,36 +535,26 @@ def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-
 # -- 4. bias + activation ------------------------------------------------------------------------------
 
 @njit(**_JIT)
-def _bias_act_columns(h, bias, code, lo, hi):
-    """Columns lo:hi of ``h[...] = act(h + bias)``. One loop nest per activation, so each inner loop is
-    branch-free and vectorises; the column index is unsigned, because from a signed ``lo`` Numba's
-    wraparound of negative indices stayed in the loops and they did not vectorise (over two threads by
-    column halves, 512x1024 took 120 us against 20 us on one). Not inlined: inlined into a prange
-    kernel, a loop like these ran 3x slower than alone."""
-    lo, hi = np.uint64(lo), np.uint64(hi)
-    n_rows = h.shape[0]
+def _bias_act(h, bias, code):
+    n_rows, n_cols = h.shape
+    # one loop nest per activation, so each inner loop is branch-free and vectorises
     if code == 0:
         for i in range(n_rows):
-            for j in range(lo, hi):
+            for j in range(n_cols):
                 h[i, j] = h[i, j] + bias[j]
     elif code == 1:
         for i in range(n_rows):
-            for j in range(lo, hi):
+            for j in range(n_cols):
                 pre = h[i, j] + bias[j]
                 h[i, j] = _f(0.0) if pre < _f(0.0) else pre
     elif code == 2:
         for i in range(n_rows):
-            for j in range(lo, hi):
+            for j in range(n_cols):
                 h[i, j] = _tanh32(h[i, j] + bias[j])
     else:
         for i in range(n_rows):
-            for j in range(lo, hi):
+            for j in range(n_cols):
                 h[i, j] = _sigmoid32(h[i, j] + bias[j])
-
-
-@njit(**_JIT)
-def _bias_act(h, bias, code):
-    _bias_act_columns(h, bias, code, 0, h.shape[1])
 
 
 @njit(**_JIT)
