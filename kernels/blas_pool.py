@@ -172,6 +172,21 @@ def _run_part(sgemm, q, n_parts, by_rows, a, trans_a, b, trans_b, c):
                     m_q, n_q, k, a_q, lda, b_q, ldb, c_q, n)
 
 
+@njit(inline="always")
+def _run_k_part(sgemm, q, n_parts, a, b, c):
+    """Part q of the sum over k of ``c = a @ b`` (C-contiguous, no transposes): ``a``'s columns and
+    ``b``'s rows in the range ``_bound`` gives part q, multiplied into ``c`` by one OpenBLAS call; zeros
+    when the range is empty."""
+    m, k = a.shape
+    n = c.shape[1]
+    lo, hi = _bound(q, k, n_parts), _bound(q + 1, k, n_parts)
+    if hi > lo:
+        _call_sgemm(sgemm, _NO_TRANS, _NO_TRANS, m, n, hi - lo, a.ctypes.data + 4 * lo, k,
+                    b.ctypes.data + 4 * lo * n, n, c.ctypes.data, n)
+    else:
+        c[:, :] = np.float32(0.0)
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def _run_parts(sgemm, n_parts, by_rows, a, trans_a, b, trans_b, c):
     """``c = op(a) @ op(b)`` of C-contiguous ``a``, ``b``, ``c`` (op transposes where asked) in ``n_parts``

@@ -893,21 +893,12 @@ def _sum_parts_bias_act(partials, bias, code, out):
 def _linear_act_parts(sgemm, x, W, bias, code, out, partials):
     """``out = act(x @ W + bias)`` as ``len(partials)`` products over ranges of the rows of W -- the
     ranges ``_layer_parts_adam`` gives each part to update, so each thread reads the rows of W it wrote
-    -- each a one-thread OpenBLAS call into its ``partials[q]``; then part q adds the partial products
-    in order, with the bias and activation, into its rows of ``out``. The same bits whichever thread
-    runs a part."""
-    n_parts = partials.shape[0]
-    n_rows, n_in = x.shape
-    n_out = W.shape[1]
+    -- each a one-thread OpenBLAS call into its ``partials[q]`` (``blas_pool._run_k_part``); then part q
+    adds the partial products in order, with the bias and activation, into its rows of ``out``. The
+    same bits whichever thread runs a part."""
+    n_parts, n_rows = partials.shape[0], x.shape[0]
     for q in prange(n_parts):
-        lo, hi = blas_pool._bound(q, n_in, n_parts), blas_pool._bound(q + 1, n_in, n_parts)
-        part = partials[q]
-        if hi > lo:
-            blas_pool._call_sgemm(sgemm, blas_pool._NO_TRANS, blas_pool._NO_TRANS, n_rows, n_out, hi - lo,
-                                  x.ctypes.data + 4 * lo, n_in, W.ctypes.data + 4 * lo * n_out, n_out,
-                                  part.ctypes.data, n_out)
-        else:                                   # fewer rows of W than parts of 16
-            part[:, :] = _f(0.0)
+        blas_pool._run_k_part(sgemm, q, n_parts, x, W, partials[q])
     for q in prange(n_parts):
         lo, hi = blas_pool._bound(q, n_rows, n_parts), blas_pool._bound(q + 1, n_rows, n_parts)
         _sum_parts_bias_act(partials[:, lo:hi], bias, code, out[lo:hi])
