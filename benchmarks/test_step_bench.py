@@ -7,11 +7,11 @@ alone (they hold NumPy to older matmul kernels; tests and CI keep them)::
         --benchmark-only --benchmark-columns=median,iqr,ops,rounds --benchmark-json=step.json
 
 ``test_step[<config>-<impl>]`` times one training step (forward, backward, Adam) of each configuration
-of ``DESIGN.md`` with each implementation: ``ours-numpy``, ``ours-cupy`` (skipped without a GPU),
-``torch`` (eager), ``jax`` (one jitted step) -- each reference skipped with the reason when it is not
-installed -- and ``matmul-ceiling``, the step's matmuls alone at this machine's BLAS rate. Groups are
-the configuration names. The summary at the end prints the table ``vaecore bench`` prints, from the
-medians of this run. Also here: one MNIST training epoch, the importance-sampled evaluation's
+of ``DESIGN.md`` with each implementation: ``ours-numpy``, ``torch`` (eager), ``jax`` (one jitted
+step) and ``matmul-ceiling``, the step's matmuls alone at this machine's BLAS rate; on a GPU also
+``ours-cupy``, ``torch-cuda``, ``jax-gpu`` and ``matmul-ceiling-cupy`` (cuBLAS). Each one that cannot
+run here is skipped with the reason. Groups are the configuration names. The summary at the end prints
+the table ``vaecore bench`` prints, from the medians of this run. Also here: one MNIST training epoch, the importance-sampled evaluation's
 throughput, and resident memory over a 10-epoch ``train`` (all at example-b128).
 
 Every implementation is warmed up (Numba's cache loaded, JAX compiled, thread pools started) before
@@ -25,8 +25,8 @@ import time
 import numpy as np
 import pytest
 
-from vaecore.benchmark import CONFIGS, IMPLEMENTATIONS, REFERENCES, Unavailable, machine, make_step, \
-    step_matmul_flops
+from vaecore.benchmark import CEILING_ON, CONFIGS, IMPLEMENTATIONS, REFERENCES_ON, Unavailable, machine, \
+    make_step, step_matmul_flops
 from vaecore.benchmark.report import BUSY_CORES, ConfigResult, format_table
 from vaecore.benchmark.timing import SETTLE_SECONDS, Timing, warm
 
@@ -57,13 +57,12 @@ class _StepSummary:
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter):
         write = terminalreporter.write_line
-        for ours_impl in ("ours-numpy", "ours-cupy"):
-            results = []
+        for backend, on_device in REFERENCES_ON.items():
+            ours_impl, results = f"ours-{backend}", []
             for config in CONFIGS:
                 ours = _timings.get((config, ours_impl))
-                refs = {r: _timings[(config, r)] for r in REFERENCES if (config, r) in _timings}
-                # the ceiling is NumPy's matmul rate: a share of it means nothing for a GPU step
-                ceiling = _timings.get((config, "matmul-ceiling")) if ours_impl == "ours-numpy" else None
+                refs = {r: _timings[(config, impl)] for r, impl in on_device.items() if (config, impl) in _timings}
+                ceiling = _timings.get((config, CEILING_ON[backend]))
                 if ours is not None:
                     results.append(ConfigResult(CONFIGS[config], ours_impl, ours, refs, ceiling))
             if results:
@@ -106,7 +105,7 @@ def test_step(benchmark, config, impl):
     stats = record(benchmark, (config, impl))
     if stats is not None:
         benchmark.extra_info["steps_per_s"] = 1.0 / stats.median
-        if impl == "matmul-ceiling":
+        if impl.startswith("matmul-ceiling"):
             benchmark.extra_info["matmul_gflops"] = step_matmul_flops(CONFIGS[config]) / stats.median / 1e9
 
 

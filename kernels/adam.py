@@ -22,11 +22,12 @@ updates what it has just written (see ``kernels.cpu.adam_step_cpu``). The other 
 import math
 
 from .matmul import matmul_reference
+from .namespace import array_namespace
 
 
 def adam_step_reference(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                         weight_decay=0.0, clip_norm=0.0, blocks=None):
-    xp = params.__array_namespace__()
+    xp = array_namespace(params)
     norm = float(xp.sqrt(xp.sum(grads * grads)))
     scale = min(1.0, clip_norm / (norm + 1e-6)) if clip_norm > 0 else 1.0
     m[...] = beta1 * m + ((1.0 - beta1) * scale) * grads
@@ -68,9 +69,8 @@ def layer_backward_adam_composed(matmul, adam_step, x, delta, params, grads, m, 
 
 
 def _matrix(flat, n_in, n_out):
-    """An (n_in, n_out) view of a contiguous slice, in the array API's spelling or CuPy's."""
-    namespace = getattr(flat, "__array_namespace__", None)
-    return namespace().reshape(flat, (n_in, n_out)) if namespace else flat.reshape(n_in, n_out)
+    """An (n_in, n_out) view of a contiguous slice."""
+    return array_namespace(flat).reshape(flat, (n_in, n_out))
 
 
 def layer_backward_adam_reference(x, delta, params, grads, m, v, block, dx_out, step, lr, beta1=0.9, beta2=0.999,

@@ -16,6 +16,7 @@ better way (the CPU table's own, at a batch of 9 to 128 rows: kernels/cpu.py).
 """
 
 from .matmul import matmul_reference
+from .namespace import array_namespace
 
 ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid")
 
@@ -30,7 +31,7 @@ def activation_code(activation):
 
 def bias_act_reference(h, bias, activation):
     """In place: ``h[...] = act(h + bias)``; ``h`` is (B, N), ``bias`` is (N,)."""
-    xp = h.__array_namespace__()
+    xp = array_namespace(h)
     pre = h + bias
     if activation == "identity":
         h[...] = pre
@@ -45,7 +46,7 @@ def bias_act_reference(h, bias, activation):
 
 
 def bias_act_backward_reference(dy, y, activation, dpre_out, dbias_out):
-    xp = dy.__array_namespace__()
+    xp = array_namespace(dy)
     if activation == "identity":
         dpre = dy
     elif activation == "relu":

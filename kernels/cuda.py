@@ -21,6 +21,7 @@ The maths, shapes and reference of each kernel are documented once, in its op mo
 """
 
 import math
+import os
 
 import numpy as np
 from numba import cuda, float32, float64
@@ -30,11 +31,19 @@ from .adam import layer_backward_adam_composed
 from .bias_act import activation_code, linear_act_composed
 from .likelihood import LOG_2PI
 
+try:
+    from numba.cuda.core import config as _numba_cuda_config
+except ImportError:    # the simulator, or an older numba-cuda: its defaults stay
+    _numba_cuda_config = None
+
 # Shared-memory size of the block reduction: the hardware's maximum threads per block, so any launch
 # size from kernels.config fits. A constant here (not config) so compiled kernels never go stale.
 _MAX_THREADS = 1024
 # True under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1 before numba.cuda was first imported).
 SIMULATOR = cuda.jit.__module__.startswith("numba.cuda.simulator")
+# A small batch is small work: its few blocks are deliberate, not the beginner's error Numba warns of.
+if _numba_cuda_config is not None and "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
+    _numba_cuda_config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 
 # -- device helpers --------------------------------------------------------------------------------
 

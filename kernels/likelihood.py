@@ -23,11 +23,13 @@ Gaussian with learned per-pixel variance; the decoder's output ``out`` (B, 2D) h
 
 import math
 
+from .namespace import array_namespace
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
 def bernoulli_nll_grad_reference(logits, x, grad_scale, dlogits_out):
-    xp = logits.__array_namespace__()
+    xp = array_namespace(logits)
     softplus = xp.maximum(logits, 0.0) + xp.log1p(xp.exp(-xp.abs(logits)))
     # sigmoid through exp(-|l|) so neither branch overflows for logits of either sign
     e = xp.exp(-xp.abs(logits))
@@ -37,7 +39,7 @@ def bernoulli_nll_grad_reference(logits, x, grad_scale, dlogits_out):
 
 
 def gaussian_nll_grad_reference(mean, x, logvar, grad_scale, dmean_out):
-    xp = mean.__array_namespace__()
+    xp = array_namespace(mean)
     inv_var = math.exp(-logvar)
     diff = mean - x
     dmean_out[...] = (grad_scale * inv_var) * diff
@@ -46,7 +48,7 @@ def gaussian_nll_grad_reference(mean, x, logvar, grad_scale, dmean_out):
 
 
 def gaussian_learned_nll_grad_reference(out, x, grad_scale, dout_out):
-    xp = out.__array_namespace__()
+    xp = array_namespace(out)
     n_pixels = x.shape[1]
     mean, logvar = out[:, :n_pixels], out[:, n_pixels:]
     inv_var = xp.exp(-logvar)

@@ -5,7 +5,9 @@ batch is used. ``src`` is (B, D) uint8 and ``out`` (B, D) in the backend's float
 the float cast of ``src`` times ``1/255`` rounded to that dtype, so every table gives the same bits.
 """
 
+from .namespace import array_namespace
+
 
 def pixels_reference(src, out):
-    xp = out.__array_namespace__()
+    xp = array_namespace(out)
     out[...] = xp.astype(src, out.dtype) * (1.0 / 255.0)

@@ -17,10 +17,12 @@ Backward, given ``dz`` = dLoss/dz and the weight ``w`` that the KL sum carries i
 written into ``dstats`` laid out like ``stats``.
 """
 
+from .namespace import array_namespace
+
 
 def reparameterize_kl_reference(stats, eps, z_out):
     """Writes ``z`` into ``z_out`` (B, Z) and returns the KL sum (unscaled, over the batch)."""
-    xp = stats.__array_namespace__()
+    xp = array_namespace(stats)
     n_latent = eps.shape[1]
     mu, logvar = stats[:, :n_latent], stats[:, n_latent:]
     z_out[...] = mu + xp.exp(0.5 * logvar) * eps
@@ -29,7 +31,7 @@ def reparameterize_kl_reference(stats, eps, z_out):
 
 def reparameterize_kl_backward_reference(stats, eps, dz, kl_weight, dstats_out):
     """Writes ``[dmu | dlogvar]`` into ``dstats_out`` (B, 2Z); ``dz`` may already hold any scale."""
-    xp = stats.__array_namespace__()
+    xp = array_namespace(stats)
     n_latent = eps.shape[1]
     mu, logvar = stats[:, :n_latent], stats[:, n_latent:]
     std = xp.exp(0.5 * logvar)

@@ -135,6 +135,19 @@ def test_reference_steps_draw_fresh_noise_and_train(impl):
     assert all(np.isfinite(losses)) and len(set(losses)) == 3     # new noise and new weights each step
 
 
+@pytest.mark.parametrize("impl, module", [("torch-cuda", "torch"), ("jax-gpu", "jax")])
+def test_gpu_references_run_on_the_gpu_or_say_why_not(impl, module):
+    pytest.importorskip(module, reason=f"{module} is not installed")
+    try:
+        step = make_step(impl, TINY)
+    except Unavailable as e:              # a CPU build, or no GPU: the reason names the device
+        assert "GPU" in str(e) or "CUDA" in str(e)
+        return
+    assert step.name == impl
+    losses = [float(step()) for _ in range(2)]
+    assert all(np.isfinite(losses)) and losses[0] != losses[1]
+
+
 def test_importing_the_benchmark_package_imports_neither_torch_nor_jax():
     code = ("import sys, vaecore.benchmark.report, vaecore.benchmark.torch_reference, "
             "vaecore.benchmark.jax_reference; print(sorted({'torch', 'jax'} & set(sys.modules)))")
@@ -175,10 +188,10 @@ def test_summarize_takes_median_and_quartiles():
     assert (t.median, t.q1, t.q3, t.calls) == (3.0, 2.0, 4.0, 5) and t.per_second == pytest.approx(1 / 3)
 
 
-def fake_result(name, ours, torch=None, jax=None, ceiling=None):
+def fake_result(name, ours, torch=None, jax=None, ceiling=None, ours_impl="ours-numpy"):
     t = lambda s: None if s is None else timing.Timing(s, s, s, 10)   # noqa: E731
     refs = {k: t(v) for k, v in (("torch", torch), ("jax", jax)) if v is not None}
-    return report.ConfigResult(CONFIGS[name], "ours-numpy", t(ours), refs, t(ceiling))
+    return report.ConfigResult(CONFIGS[name], ours_impl, t(ours), refs, t(ceiling))
 
 
 def test_ratio_is_against_the_faster_reference_and_share_is_ceiling_over_ours():
@@ -199,6 +212,16 @@ def test_table_shows_rates_ratios_targets_and_ceiling_share():
     assert "20.0" in wide_row and "25.0" in wide_row and "0.80x (jax)" in wide_row and "1.1x low" in wide_row
     assert " - " in wide_row                                     # no torch figure
     assert "90% (>= 80% ok)" in wide_row
+
+
+def test_a_gpu_table_names_the_gpu_references_and_sets_no_target():
+    table = report.format_table([fake_result("wide-b512", ours=0.004, torch=0.002, jax=0.0005, ceiling=0.0005,
+                                             ours_impl="ours-cupy")])
+    head = next(line for line in table.splitlines() if line.startswith("config"))
+    row = next(line for line in table.splitlines() if line.startswith("wide-b512"))
+    assert "ours-cupy" in head and "torch-cuda" in head and "jax-gpu" in head
+    assert "0.12x (jax)" in row and "low" not in row and "ok" not in row and "12%" in row
+    assert "cupy.matmul (cuBLAS)" in table and "none is set for a GPU" in table
 
 
 def test_notes_name_missing_frameworks_and_how_to_install_them():
@@ -253,3 +276,20 @@ def test_threads_note_says_whether_the_parallel_kernels_take_every_core(monkeypa
     note = threads_note()
     assert ("Adam and those kernels on Numba's" in note) == fast
     assert ("Adam and those kernels on one thread" in note) == (not fast)
+
+
+def test_cuda_kernels_that_fail_to_compile_are_a_one_line_error():
+    """A Numba CUDA target that cannot compile here (numba-cuda 0.30.4 under NumPy 2.5 on an H200) is
+    found when the backend is made, not at the first training step."""
+    import types
+
+    import vaecore.backend
+    from vaecore.errors import VaecoreError
+
+    def bias_act(h, bias, activation):
+        raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    fake_cupy = types.SimpleNamespace(zeros=np.zeros, float32=np.float32)
+    with pytest.raises(VaecoreError, match=r"--backend cupy: the CUDA kernels do not compile or run here "
+                                           r"\(AttributeError: module 'numpy' has no attribute 'row_stack'; .*NumPy"):
+        vaecore.backend._probe_cuda_kernels(types.SimpleNamespace(bias_act=bias_act), fake_cupy)

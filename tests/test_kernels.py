@@ -90,6 +90,19 @@ def test_unknown_table_is_a_clear_error():
         kernels.kernel_table("gpu")
 
 
+def test_a_cupy_array_gets_the_cupy_module_as_its_namespace(monkeypatch):
+    """CuPy 14's ndarray names no array namespace; the reference kernels then use the cupy module."""
+    from kernels.namespace import array_namespace
+
+    fake_cupy = type(sys)("cupy")
+    FakeArray = type("ndarray", (), {"__module__": "cupy._core.core"})
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    assert array_namespace(FakeArray()) is fake_cupy
+    assert array_namespace(np.zeros(2)) is np
+    with pytest.raises(TypeError, match="not an array-API array"):
+        array_namespace([1.0, 2.0])
+
+
 def test_importing_kernels_and_the_cpu_table_never_imports_cuda():
     code = ("import sys, kernels; kernels.kernel_table('cpu'); "
             "assert 'numba.cuda' not in sys.modules, 'numba.cuda imported'")

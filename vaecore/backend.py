@@ -133,6 +133,24 @@ def cupy_status():
     return True, "CUDA device available"
 
 
+def _probe_cuda_kernels(table, cupy):
+    """Compiles and launches one CUDA kernel now. A Numba CUDA target that cannot compile here fails
+    only at a kernel's first launch, deep inside the first training step: numba-cuda 0.30.4 with NumPy
+    2.5 (which dropped ``np.row_stack``) did so on an H200 machine."""
+    try:
+        table.bias_act(cupy.zeros((1, 1), cupy.float32), cupy.zeros(1, cupy.float32), "relu")
+        cupy.cuda.get_current_stream().synchronize()
+    except Exception as e:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            numba_cuda = f"numba-cuda {version('numba-cuda')}"
+        except PackageNotFoundError:
+            numba_cuda = "numba's bundled CUDA target"
+        raise VaecoreError(f"--backend cupy: the CUDA kernels do not compile or run here ({type(e).__name__}: "
+                           f"{reason(e)}; {numba_cuda}, NumPy {np.__version__})") from None
+
+
 def make_backend(name="auto", *, seed=0, kernel_table=None, log=None):
     """Builds the backend called ``name`` (``numpy``, ``cupy``, ``auto`` or ``array_api_strict``).
 
@@ -141,10 +159,17 @@ def make_backend(name="auto", *, seed=0, kernel_table=None, log=None):
     """
     rng = np.random.default_rng(seed)
     if name == "auto":
-        usable, reason = cupy_status()
-        name = "cupy" if usable else "numpy"
+        usable, why = cupy_status()
+        if usable:
+            try:
+                gpu = make_backend("cupy", seed=seed, kernel_table=kernel_table)
+            except VaecoreError as e:
+                usable, why = False, str(e)
         if log is not None:
-            log(f"backend auto: using {name}" + ("" if usable else f" ({reason})"))
+            log(f"backend auto: using {'cupy' if usable else 'numpy'}" + ("" if usable else f" ({why})"))
+        if usable:
+            return gpu
+        name = "numpy"
     if name == "numpy":
         return Backend("numpy", np, kernels.kernel_table(kernel_table or "cpu"), rng=rng)
     if name == "cupy":
@@ -157,6 +182,8 @@ def make_backend(name="auto", *, seed=0, kernel_table=None, log=None):
             table = kernels.kernel_table(kernel_table or "cuda")
         except RuntimeError as e:   # Numba's CUDA target missing or not matching CuPy's CUDA
             raise VaecoreError(f"--backend cupy: {e}") from None
+        if table.name == "cuda":
+            _probe_cuda_kernels(table, cupy)
         return Backend("cupy", cupy, table, rng=rng)
     if name == "array_api_strict":
         import array_api_strict

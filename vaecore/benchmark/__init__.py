@@ -5,9 +5,9 @@ and ``vaecore bench``:
 
 - :mod:`.configs`          the three named configurations, the step's matmul shapes and FLOPs;
 - :mod:`.ours`             our step: the engine's ``Trainer.train_step`` on NumPy or CuPy;
-- :mod:`.torch_reference`  the network in PyTorch (eager, ``torch.optim.Adam``);
-- :mod:`.jax_reference`    the network in JAX (one ``jax.jit`` step including Adam);
-- :mod:`.ceiling`          the step's matmuls alone at this machine's BLAS rate;
+- :mod:`.torch_reference`  the network in PyTorch (eager, ``torch.optim.Adam``), on the CPU or a GPU;
+- :mod:`.jax_reference`    the network in JAX (one ``jax.jit`` step including Adam), on the CPU or a GPU;
+- :mod:`.ceiling`          the step's matmuls alone at this machine's BLAS (or cuBLAS) rate;
 - :mod:`.timing`           the interleaved timer ``vaecore bench`` uses;
 - :mod:`.machine`          CPU, BLAS kernel and threads, library versions, environment warnings;
 - :mod:`.report`           the comparison ``vaecore bench`` runs, and its table.
@@ -20,8 +20,12 @@ from ..errors import VaecoreError
 from .configs import CONFIGS, BenchConfig, config_by_name, step_matmul_flops, step_matmul_shapes
 
 # names of the implementations, as they appear in benchmark ids (``test_step[example-b128-torch]``)
-IMPLEMENTATIONS = ("ours-numpy", "ours-cupy", "torch", "jax", "matmul-ceiling")
+IMPLEMENTATIONS = ("ours-numpy", "ours-cupy", "torch", "jax", "torch-cuda", "jax-gpu", "matmul-ceiling",
+                   "matmul-ceiling-cupy")
 REFERENCES = ("torch", "jax")
+# per backend of ours: the reference implementations on the same device, and its matmul ceiling
+REFERENCES_ON = {"numpy": {"torch": "torch", "jax": "jax"}, "cupy": {"torch": "torch-cuda", "jax": "jax-gpu"}}
+CEILING_ON = {"numpy": "matmul-ceiling", "cupy": "matmul-ceiling-cupy"}
 
 
 class Unavailable(VaecoreError):
@@ -36,14 +40,14 @@ def implementation_status(impl):
         from ..backend import cupy_status
 
         return cupy_status()
-    if impl == "torch":
+    if impl in ("torch", "torch-cuda"):
         from . import torch_reference
 
-        return torch_reference.status()
-    if impl == "jax":
+        return torch_reference.status() if impl == "torch" else torch_reference.cuda_status()
+    if impl in ("jax", "jax-gpu"):
         from . import jax_reference
 
-        return jax_reference.status()
+        return jax_reference.status() if impl == "jax" else jax_reference.gpu_status()
     raise ValueError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
 
 
@@ -58,14 +62,14 @@ def make_step(impl, config, seed=0):
         from .ours import OurStep
 
         return OurStep(config, backend=impl.split("-", 1)[1], seed=seed)
-    if impl == "torch":
+    if impl in ("torch", "torch-cuda"):
         from .torch_reference import TorchStep
 
-        return TorchStep(config, seed=seed)
-    if impl == "jax":
+        return TorchStep(config, seed=seed, device="cpu" if impl == "torch" else "cuda")
+    if impl in ("jax", "jax-gpu"):
         from .jax_reference import JaxStep
 
-        return JaxStep(config, seed=seed)
+        return JaxStep(config, seed=seed, platform="cpu" if impl == "jax" else "gpu")
     from .ceiling import MatmulCeiling
 
     if impl == "matmul-ceiling-cupy":
@@ -75,5 +79,5 @@ def make_step(impl, config, seed=0):
     return MatmulCeiling(config)
 
 
-__all__ = ["CONFIGS", "IMPLEMENTATIONS", "REFERENCES", "BenchConfig", "Unavailable", "config_by_name",
-           "implementation_status", "make_step", "step_matmul_flops", "step_matmul_shapes"]
+__all__ = ["CEILING_ON", "CONFIGS", "IMPLEMENTATIONS", "REFERENCES", "REFERENCES_ON", "BenchConfig", "Unavailable",
+           "config_by_name", "implementation_status", "make_step", "step_matmul_flops", "step_matmul_shapes"]

@@ -1,7 +1,8 @@
 """The same network and training step in JAX: one ``jax.jit``-compiled function doing the forward
 pass, the gradient (``jax.value_and_grad``) and the Adam update, with the noise drawn inside it from a
 ``jax.random`` key carried in the state. The state's buffers are donated to each call so XLA may
-update them in place. Float32 throughout (JAX's default).
+update them in place. Float32 throughout (JAX's default). ``jax`` runs on XLA's CPU client whatever
+else is installed; ``jax-gpu`` on the first GPU (compared with ``ours-cupy``).
 
 JAX is never a dependency of vaecore: everything here imports it lazily, and :func:`status` says why
 it cannot run.
@@ -26,6 +27,20 @@ def status():
     except Exception as e:
         return False, f"JAX failed to import: {reason(e)}"
     return True, f"jax {jax.__version__}"
+
+
+def gpu_status():
+    """(usable, detail): like :func:`status`, and whether this JAX install reaches a GPU."""
+    usable, detail = status()
+    if not usable:
+        return usable, detail
+    import jax
+
+    try:
+        device = jax.devices("gpu")[0]
+    except RuntimeError as e:
+        return False, f"JAX {jax.__version__} finds no GPU ({reason(e)}); for CUDA: pip install 'jax[cuda13]'"
+    return True, f"{detail}, {device.device_kind}"
 
 
 def threads_note():
@@ -102,16 +117,20 @@ class JaxStep:
 
     name = "jax"
 
-    def __init__(self, config: BenchConfig, seed=0, images=None, flat_params=None):
+    def __init__(self, config: BenchConfig, seed=0, images=None, flat_params=None, platform="cpu"):
         import jax
         import jax.numpy as jnp
 
         self.config = config
+        self.platform = platform
+        self.name = "jax" if platform == "cpu" else f"jax-{platform}"
+        # committed arrays: jit runs where its arguments are, whatever JAX's default device is
+        self.device = jax.devices(platform)[0]
         flat = init_flat(config, seed) if flat_params is None else np.asarray(flat_params, np.float32)
-        params = params_from_flat(config, flat)
+        params = jax.device_put(params_from_flat(config, flat), self.device)
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         pixels = fixed_images(config, seed) if images is None else images
-        self.x = jnp.asarray(pixels.astype(np.float32) / 255.0)            # prepared once
+        self.x = jax.device_put(pixels.astype(np.float32) / 255.0, self.device)    # prepared once
         self.loss, update = make_functions(config)
         shape = (config.batch, config.latent)
 
@@ -129,8 +148,8 @@ class JaxStep:
 
         self._step = jax.jit(train_step, donate_argnums=0)
         self._step_with_eps = jax.jit(train_step_with_eps, donate_argnums=0)
-        self.state = (params, zeros, jax.tree_util.tree_map(jnp.zeros_like, params), jnp.float32(0.0),
-                      jax.random.PRNGKey(seed))
+        self.state = jax.device_put((params, zeros, jax.tree_util.tree_map(jnp.zeros_like, params),
+                                     jnp.float32(0.0), jax.random.PRNGKey(seed)), self.device)
 
     def step(self, eps=None):
         if eps is None:
@@ -148,4 +167,5 @@ class JaxStep:
     def describe(self):
         import jax
 
-        return f"JAX {jax.__version__} jit ({jax.default_backend()}), {threads_note()}"
+        where = threads_note() if self.platform == "cpu" else self.device.device_kind
+        return f"JAX {jax.__version__} jit ({self.platform}), {where}"

@@ -79,9 +79,12 @@ def version(package):
         return None
 
 
+CUPY_PACKAGES = ("cupy-cuda12x", "cupy-cuda13x", "numba-cuda")
+
+
 def versions():
     """{package: version or None}, read from the installed metadata (imports nothing)."""
-    return {name: version(name) for name in ("vaecore", "numpy", "numba", "torch", "jax", "jaxlib", "cupy-cuda12x",
+    return {name: version(name) for name in ("vaecore", "numpy", "numba", "torch", "jax", "jaxlib", *CUPY_PACKAGES,
                                              "threadpoolctl", "pytest-benchmark")}
 
 

@@ -2,14 +2,16 @@
 
 For each configuration: our step, the PyTorch and JAX steps (where installed) and the step's matmuls
 alone (the ceiling) are built, warmed up and timed interleaved (:mod:`.timing`); the table shows steps
-per second, ours over the faster reference, and the share of the matmul ceiling our step reaches.
+per second, ours over the faster reference, and the share of the matmul ceiling our step reaches. With
+``--backend cupy`` every one of them runs on the GPU: PyTorch on CUDA, JAX on its GPU client, the
+ceiling with cuBLAS. The targets are the CPU's (issue 7); a GPU run shows none.
 """
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import REFERENCES, Unavailable, implementation_status, make_step, machine
+from . import CEILING_ON, REFERENCES, REFERENCES_ON, Unavailable, implementation_status, make_step, machine
 from .configs import CONFIGS, BenchConfig, config_by_name, step_matmul_flops
 from .timing import measure_each
 
@@ -29,6 +31,10 @@ class ConfigResult:
     ours_impl: str                                   # "ours-numpy" or "ours-cupy"
     ours: object = None
     references: dict = field(default_factory=dict)   # "torch"/"jax" -> Timing (missing ones absent)
+
+    @property
+    def backend(self):
+        return self.ours_impl.split("-", 1)[1]
     ceiling: object = None
 
     @property
@@ -81,14 +87,13 @@ def resolve_backend(name):
 
 def compare(configs=tuple(CONFIGS), seconds=2.0, backend="numpy", references=REFERENCES, log=None,
             seed=0):
-    """Builds and times every implementation for each configuration (names or :class:`BenchConfig`);
-    returns a :class:`Comparison`."""
+    """Builds and times every implementation for each configuration (names or :class:`BenchConfig`)
+    on ``backend``'s device; returns a :class:`Comparison` (references under their base names)."""
     backend = resolve_backend(backend)
-    ours_impl = f"ours-{backend}"
-    ceiling_impl = "matmul-ceiling" if backend == "numpy" else "matmul-ceiling-cupy"
+    ours_impl, ceiling_impl, on_device = f"ours-{backend}", CEILING_ON[backend], REFERENCES_ON[backend]
     missing = {}
     for ref in references:
-        usable, detail = implementation_status(ref)
+        usable, detail = implementation_status(on_device[ref])
         if not usable:
             missing[ref] = detail
     present = [r for r in references if r not in missing]
@@ -97,12 +102,13 @@ def compare(configs=tuple(CONFIGS), seconds=2.0, backend="numpy", references=REF
     for config in configs:
         config = config_by_name(config) if isinstance(config, str) else config
         if log:
-            log(f"{config.name}: {config.describe()} -- timing {ours_impl}, {', '.join(present + [ceiling_impl])} "
+            log(f"{config.name}: {config.describe()} -- timing {ours_impl}, "
+                f"{', '.join([on_device[r] for r in present] + [ceiling_impl])} "
                 f"(about {seconds:g} s each)")
         steps = {"ours": make_step(ours_impl, config, seed), "ceiling": make_step(ceiling_impl, config, seed)}
         for ref in present:
             try:
-                steps[ref] = make_step(ref, config, seed)
+                steps[ref] = make_step(on_device[ref], config, seed)
             except Unavailable as e:
                 missing[ref] = str(e)
         with np.errstate(all="ignore"):          # as in training: a diverging reference is no crash
@@ -122,7 +128,8 @@ def _rate(timing):
 
 def format_machine(info):
     v = info["versions"]
-    libs = ", ".join(f"{k} {v[k]}" for k in ("numpy", "numba", "torch", "jax", "jaxlib") if v.get(k))
+    libs = ", ".join(f"{k} {v[k]}" for k in ("numpy", "numba", "torch", "jax", "jaxlib", *machine.CUPY_PACKAGES)
+                     if v.get(k))
     return "\n".join([
         f"machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}",
         f"NumPy's BLAS: {info['numpy_blas']}",
@@ -134,31 +141,37 @@ def format_table(results):
     """One row per configuration: steps per second (medians), ratio to the faster reference, target,
     matmul ceiling and our share of it."""
     ours_label = results[0].ours_impl if results else "ours"
-    head = (f"{'config':<13} {ours_label:>11} {'torch':>9} {'jax':>9} {'ours/faster ref':>17} {'target':>8}  "
+    backend = results[0].backend if results else "numpy"
+    labels = REFERENCES_ON[backend]
+    head = (f"{'config':<13} {ours_label:>11} {labels['torch']:>10} {labels['jax']:>9} {'ours/faster ref':>17} "
+            f"{'target':>8}  "
             f"{'matmuls alone':>13} {'GFLOP/s':>8}  {'share of ceiling':<16}")
     lines = ["training steps per second (median; higher is better)", head, "-" * len(head.rstrip())]
     for r in results:
         ref_name, _ = r.faster_reference()
         ratio = r.ratio()
         ratio_text = "-" if ratio is None else f"{ratio:.2f}x ({ref_name})"
-        target = RATIO_TARGETS.get(r.name)
+        target = RATIO_TARGETS.get(r.name) if backend == "numpy" else None
         target_text = "-" if target is None else f"{target:.1f}x"
         mark = ""
         if ratio is not None and target is not None:
             mark = " ok" if ratio >= target else " low"
         share = r.ceiling_share()
-        share_target = CEILING_TARGETS.get(r.name)
+        share_target = CEILING_TARGETS.get(r.name) if backend == "numpy" else None
         share_text = "-" if share is None else f"{share:.0%}"
         if share is not None and share_target is not None:
             share_text += f" (>= {share_target:.0%}{' ok' if share >= share_target else ' low'})"
         gflops = r.matmul_gflops()
-        lines.append((f"{r.name:<13} {_rate(r.ours):>11} {_rate(r.references.get('torch')):>9} "
+        lines.append((f"{r.name:<13} {_rate(r.ours):>11} {_rate(r.references.get('torch')):>10} "
                      f"{_rate(r.references.get('jax')):>9} {ratio_text:>17} {target_text + mark:>8}  "
                      f"{_rate(r.ceiling):>13} {'-' if gflops is None else f'{gflops:.0f}':>8}  {share_text:<16}").rstrip())
+    library = "np.matmul" if backend == "numpy" else "cupy.matmul (cuBLAS)"
     lines += ["",
               "ours/faster ref: our steps/s over the faster of PyTorch and JAX. matmuls alone: the step's own "
               "matmuls",
-              "run back to back with np.matmul (the ceiling), at GFLOP/s; share: their time over our step's time."]
+              f"run back to back with {library} (the ceiling), at GFLOP/s; share: their time over our step's time."]
+    if backend != "numpy":
+        lines.append("targets: the CPU's; none is set for a GPU.")
     return "\n".join(lines)
 
 
@@ -175,7 +188,17 @@ def format_notes(comparison):
     return "\n".join(lines)
 
 
+def gpu_name():
+    import cupy
+
+    name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+    return name.decode() if isinstance(name, bytes) else name
+
+
 def format_threads(comparison):
+    if comparison.results and comparison.results[0].backend != "numpy":
+        return (f"device: {gpu_name()}; ours: CuPy arrays, cuBLAS and Numba CUDA kernels; torch-cuda and "
+                f"jax-gpu on the same GPU, each step waited for before the clock stops")
     from .ours import threads_note
 
     parts = [f"ours: {threads_note()}"]

@@ -1,7 +1,8 @@
-"""The same network and training step in PyTorch: eager mode, CPU, float32, ``torch.optim.Adam``.
+"""The same network and training step in PyTorch: eager mode, float32, ``torch.optim.Adam``, on the CPU
+(``torch``) or on the GPU that CuPy uses (``torch-cuda``, compared with ``ours-cupy``).
 
 Written the way a PyTorch user would write it (``nn.Linear`` layers, ``binary_cross_entropy_with_logits``
-summed, autograd, the optimizer's own update), with PyTorch's fastest CPU Adam (``fused=True``). The
+summed, autograd, the optimizer's own update), with PyTorch's fastest Adam (``fused=True``, on either device). The
 inputs are float32 pixels prepared once; the noise is drawn inside every step (``torch.randn``).
 PyTorch is never a dependency of vaecore: everything here imports it lazily, and :func:`status` says
 why it cannot run.
@@ -22,6 +23,19 @@ def status():
     except Exception as e:   # a broken install raises all sorts of errors at import
         return False, f"PyTorch failed to import: {reason(e)}"
     return True, f"torch {torch.__version__}"
+
+
+def cuda_status():
+    """(usable, detail): like :func:`status`, and whether this PyTorch build reaches a CUDA device."""
+    usable, detail = status()
+    if not usable:
+        return usable, detail
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, (f"PyTorch {torch.__version__} finds no CUDA device (a CPU build, or no GPU here); "
+                       f"for a GPU build see pytorch.org")
+    return True, f"{detail}, {torch.cuda.get_device_name(0)}"
 
 
 def build_module(config: BenchConfig):
@@ -82,7 +96,7 @@ def to_flat(module, grads=False):
     parts = []
     for linear in module.linears():
         w, b = (linear.weight.grad, linear.bias.grad) if grads else (linear.weight, linear.bias)
-        parts += [w.detach().numpy().T.ravel(), b.detach().numpy().ravel()]
+        parts += [w.detach().cpu().numpy().T.ravel(), b.detach().cpu().numpy().ravel()]
     return np.concatenate(parts).astype(np.float32)
 
 
@@ -107,18 +121,23 @@ class TorchStep:
     name = "torch"
 
     def __init__(self, config: BenchConfig, seed=0, images=None, threads=None, flat_params=None,
-                 adam_impl="fused"):
+                 adam_impl="fused", device="cpu"):
         import torch
 
         self.config = config
+        self.device = torch.device(device)
+        self.name = "torch" if self.device.type == "cpu" else f"torch-{self.device.type}"
         self.threads = threads or default_threads()
         torch.set_num_threads(self.threads)
         torch.manual_seed(seed)
         self.module = build_module(config)
         if flat_params is not None:
             load_flat(self.module, flat_params)
+        self.module.to(self.device)
+        # a GPU step has only been queued when step() returns; the timers need it done
+        self._synchronize = torch.cuda.synchronize if self.device.type == "cuda" else None
         pixels = fixed_images(config, seed) if images is None else images
-        self.x = torch.from_numpy(pixels.astype("float32") / 255.0)        # prepared once
+        self.x = torch.from_numpy(pixels.astype("float32") / 255.0).to(self.device)        # prepared once
         self.adam_impl = adam_impl
         options = {"fused": True} if adam_impl == "fused" else {"foreach": adam_impl == "foreach"}
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=LR, betas=(BETA1, BETA2), eps=EPS,
@@ -129,10 +148,12 @@ class TorchStep:
         import torch
 
         self.optimizer.zero_grad(set_to_none=True)
-        noise = torch.randn(self._eps_shape) if eps is None else eps
+        noise = torch.randn(self._eps_shape, device=self.device) if eps is None else eps
         loss, _, _ = self.module.loss(self.x, noise)
         loss.backward()
         self.optimizer.step()
+        if self._synchronize is not None:
+            self._synchronize()
         return loss.detach()
 
     __call__ = step
@@ -140,5 +161,6 @@ class TorchStep:
     def describe(self):
         import torch
 
-        return (f"PyTorch {torch.__version__} eager, {self.threads} threads "
-                f"(torch.set_num_threads), Adam {self.adam_impl}")
+        where = (f"{self.threads} threads (torch.set_num_threads)" if self.device.type == "cpu"
+                 else torch.cuda.get_device_name(self.device))
+        return f"PyTorch {torch.__version__} eager, {where}, Adam {self.adam_impl}"
