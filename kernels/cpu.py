@@ -954,14 +954,23 @@ def _split_fits(n_rows, n_in, n_out, with_dx):
             and not (with_dx and blas_pool._by_rows((n_rows, n_in), False, parts)))
 
 
-def fuses_layer_adam_cpu(batch_size):
-    """Whether ``layer_backward_adam_cpu`` fuses at this batch size: up to ``config.CPU_SMALL_BATCH`` on a
-    fast pool, where the gradient kernels are bound by streaming W, m and v and one pass streams each
-    once; above it wherever BLAS's products are split (kernels/blas_pool.py), where each thread updates
-    the rows of W whose gradient its OpenBLAS call has just written."""
+_SMALL = "small"
+
+
+def _fused_way(batch_size):
+    """How ``layer_backward_adam_cpu`` fuses at this batch size: ``_SMALL`` (its own kernels, up to
+    ``config.CPU_SMALL_BATCH`` on a fast pool, where the gradient kernels are bound by streaming W, m and
+    v and one pass streams each once); NumPy's OpenBLAS (above it, wherever BLAS's products are split,
+    kernels/blas_pool.py: each thread updates the rows of W whose gradient its OpenBLAS call has just
+    written); or None, where it does not fuse."""
     if 1 <= batch_size <= config.CPU_SMALL_BATCH:
-        return _pool_is_fast()
-    return _split_blas(batch_size) is not None
+        return _SMALL if _pool_is_fast() else None
+    return _split_blas(batch_size)
+
+
+def fuses_layer_adam_cpu(batch_size):
+    """Whether ``layer_backward_adam_cpu`` fuses at this batch size (``_fused_way``)."""
+    return _fused_way(batch_size) is not None
 
 
 def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, lr, beta1=0.9, beta2=0.999,
@@ -981,19 +990,18 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
         for a in (x, delta, params, grads, m, v):
             if np.may_share_memory(dx_out, a):
                 raise ValueError("dx_out must not overlap the other arguments")
-    small = 1 <= n_rows <= config.CPU_SMALL_BATCH and _pool_is_fast()
-    blas = None if small else _split_blas(n_rows)
-    if not small and (blas is None or not _split_fits(n_rows, n_in, n_out, dx_out is not None)):
+    way = _fused_way(n_rows)
+    if way is None or (way is not _SMALL and not _split_fits(n_rows, n_in, n_out, dx_out is not None)):
         return layer_backward_adam_composed(matmul_cpu, adam_step_cpu, x, delta, params, grads, m, v, block,
                                             dx_out, step, lr, beta1, beta2, eps, weight_decay)
     # both kernels take at most 19 arguments: with exactly 20, Numba 0.68's dispatcher kept 200 bytes
     # per call (measured)
     constants = _adam_constants(step, lr, beta1, beta2, eps, weight_decay, 1.0)
     dx = _NO_DX if dx_out is None else dx_out
-    if small:
+    if way is _SMALL:
         return _pooled(_layer_backward_adam, x, delta, params, grads, m, v, offset, n_in, n_out, dx, *constants)
-    with blas.one_thread:
-        return _layer_parts_adam(blas.sgemm, blas_pool.thread_count(), x, delta, params, grads, m, v, offset,
+    with way.one_thread:
+        return _layer_parts_adam(way.sgemm, blas_pool.thread_count(), x, delta, params, grads, m, v, offset,
                                  n_out, dx, *constants)
 
 

@@ -30,6 +30,7 @@ from . import config
 from .adam import layer_backward_adam_composed
 from .bias_act import activation_code, linear_act_composed
 from .likelihood import LOG_2PI
+from .namespace import array_namespace
 
 try:
     from numba.cuda.core import config as _numba_cuda_config
@@ -263,15 +264,6 @@ KERNEL_SIGNATURES = {
 _streams = {}
 
 
-def _namespace(a):
-    """NumPy under the simulator (and for host arrays, which are then rejected), else CuPy."""
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy
-
-    return cupy
-
-
 def _stream(xp):
     """CuPy's current stream as a Numba stream (cached per handle); 0 under the simulator."""
     if xp is np:
@@ -325,7 +317,7 @@ def reparameterize_kl_cuda(stats, eps, z_out):
     n_rows, n_latent = _check2d("eps", eps)
     _check("stats", stats, (n_rows, 2 * n_latent))
     _check("z_out", z_out, eps.shape)
-    return _run_sum(_reparameterize_kl_kernel, _namespace(stats), n_rows * n_latent, stats, eps, z_out)
+    return _run_sum(_reparameterize_kl_kernel, array_namespace(stats), n_rows * n_latent, stats, eps, z_out)
 
 
 def reparameterize_kl_backward_cuda(stats, eps, dz, kl_weight, dstats_out):
@@ -335,7 +327,7 @@ def reparameterize_kl_backward_cuda(stats, eps, dz, kl_weight, dstats_out):
     _check("dstats_out", dstats_out, stats.shape)
     if n_rows * n_latent:
         blocks, tpb = _grid(n_rows * n_latent)
-        _reparameterize_kl_backward_kernel[blocks, tpb, _stream(_namespace(stats))](
+        _reparameterize_kl_backward_kernel[blocks, tpb, _stream(array_namespace(stats))](
             stats, eps, dz, float(kl_weight), dstats_out)
 
 
@@ -343,7 +335,7 @@ def bernoulli_nll_grad_cuda(logits, x, grad_scale, dlogits_out):
     shape = _check2d("logits", logits)
     _check("x", x, shape)
     _check("dlogits_out", dlogits_out, shape)
-    return _run_sum(_bernoulli_nll_grad_kernel, _namespace(logits), logits.size,
+    return _run_sum(_bernoulli_nll_grad_kernel, array_namespace(logits), logits.size,
                     logits, x, float(grad_scale), dlogits_out)
 
 
@@ -352,7 +344,7 @@ def gaussian_nll_grad_cuda(mean, x, logvar, grad_scale, dmean_out):
     _check("x", x, shape)
     _check("dmean_out", dmean_out, shape)
     constant = 0.5 * (logvar + LOG_2PI) * mean.size
-    return _run_sum(_gaussian_nll_grad_kernel, _namespace(mean), mean.size,
+    return _run_sum(_gaussian_nll_grad_kernel, array_namespace(mean), mean.size,
                     mean, x, math.exp(-logvar), float(grad_scale), constant, dmean_out)
 
 
@@ -361,7 +353,7 @@ def gaussian_learned_nll_grad_cuda(out, x, grad_scale, dout_out):
     _check("out", out, (n_rows, 2 * n_pixels))
     _check("dout_out", dout_out, (n_rows, 2 * n_pixels))
     constant = 0.5 * LOG_2PI * x.size
-    return _run_sum(_gaussian_learned_nll_grad_kernel, _namespace(out), x.size,
+    return _run_sum(_gaussian_learned_nll_grad_kernel, array_namespace(out), x.size,
                     out, x, float(grad_scale), constant, dout_out)
 
 
@@ -370,7 +362,7 @@ def adam_step_cuda(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e
     shape = params.shape if getattr(params, "ndim", 0) == 1 else (-1,)
     for name, a in (("params", params), ("grads", grads), ("m", m), ("v", v)):
         _check(name, a, shape)
-    xp = _namespace(params)
+    xp = array_namespace(params)
     norm_buf = xp.zeros(2, dtype=xp.float64)              # [sum of squares, norm]
     if params.size:
         stream = _stream(xp)
@@ -396,12 +388,12 @@ def fuses_layer_adam_cuda(batch_size):
 
 def pixels_cuda(src, out):
     """One CuPy multiply of the uint8 staging buffer into ``out`` (NumPy's under the simulator)."""
-    _namespace(out).multiply(src, np.float32(1.0 / 255.0), out=out)
+    array_namespace(out).multiply(src, np.float32(1.0 / 255.0), out=out)
 
 
 def matmul_cuda(a, b, out):
     """cuBLAS through CuPy (NumPy's matmul under the simulator)."""
-    _namespace(out).matmul(a, b, out=out)
+    array_namespace(out).matmul(a, b, out=out)
 
 
 def bias_act_cuda(h, bias, activation):
@@ -410,7 +402,7 @@ def bias_act_cuda(h, bias, activation):
     _check("bias", bias, (n_cols,))
     if h.size:
         blocks, tpb = _grid(h.size)
-        _bias_act_kernel[blocks, tpb, _stream(_namespace(h))](h, bias, code)
+        _bias_act_kernel[blocks, tpb, _stream(array_namespace(h))](h, bias, code)
 
 
 def linear_act_cuda(x, W, bias, activation, out):
@@ -424,7 +416,7 @@ def bias_act_backward_cuda(dy, y, activation, dpre_out, dbias_out):
     _check("y", y, dy.shape)
     _check("dpre_out", dpre_out, dy.shape)
     _check("dbias_out", dbias_out, (n_cols,))
-    xp = _namespace(dy)
+    xp = array_namespace(dy)
     dbias_out.fill(0.0)                                   # on CuPy's current stream, before the launch
     if dy.size:
         rows = config.CUDA_BIAS_ROWS_PER_THREAD

@@ -115,8 +115,6 @@ def make_functions(config: BenchConfig):
 class JaxStep:
     """``step()`` runs one jitted training step and waits for its result."""
 
-    name = "jax"
-
     def __init__(self, config: BenchConfig, seed=0, images=None, flat_params=None, platform="cpu"):
         import jax
         import jax.numpy as jnp
@@ -127,7 +125,7 @@ class JaxStep:
         # committed arrays: jit runs where its arguments are, whatever JAX's default device is
         self.device = jax.devices(platform)[0]
         flat = init_flat(config, seed) if flat_params is None else np.asarray(flat_params, np.float32)
-        params = jax.device_put(params_from_flat(config, flat), self.device)
+        params = params_from_flat(config, flat)
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         pixels = fixed_images(config, seed) if images is None else images
         self.x = jax.device_put(pixels.astype(np.float32) / 255.0, self.device)    # prepared once

@@ -118,8 +118,6 @@ def default_threads():
 class TorchStep:
     """``step()`` runs one training step: zero grads, forward with fresh noise, backward, Adam."""
 
-    name = "torch"
-
     def __init__(self, config: BenchConfig, seed=0, images=None, threads=None, flat_params=None,
                  adam_impl="fused", device="cpu"):
         import torch
