@@ -51,6 +51,12 @@ CPU_BLAS_SPLIT_THREADS = 2
 # wide-b512 (its batch of 512 switched on for the test): 1.029 and 1.042 in those phases, but 0.972
 # outside them (new faster in 6 of 23): its partial products are 2 MB each, written and read again.
 CPU_FORWARD_PARTS_MAX_BATCH = 128
+# ... except for a W of at most this many weights (the heads and the decoder's first layer of the
+# example network, 8-16k), whose forward splits by the batch's rows instead, each thread's product
+# straight into its rows of the output with the bias and activation: a product over 10 of W's rows is
+# a poor OpenBLAS call, and the partial products cost more than reading the other thread's rows of so
+# small a W.
+CPU_FORWARD_ROWS_MAX_WEIGHTS = 1 << 16
 
 # Numba threading layers whose threads wait ready between parallel calls; only these run the parallel
 # kernels and take OpenBLAS's jobs (workqueue wakes sleeping threads per call, see below).

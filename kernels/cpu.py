@@ -904,6 +904,19 @@ def _linear_act_parts(sgemm, x, W, bias, code, out, partials):
         _sum_parts_bias_act(partials[:, lo:hi], bias, code, out[lo:hi])
 
 
+@njit(**_JIT_PARALLEL)
+def _linear_act_rows(sgemm, n_parts, x, W, bias, code, out):
+    """``out = act(x @ W + bias)`` by ranges of the batch's rows: part q multiplies its rows of x by the
+    whole of W in a one-thread OpenBLAS call, straight into its rows of ``out``, then adds the bias and
+    applies the activation there. For a W small enough that reading the rows the other thread wrote
+    costs little; the same bits whichever thread runs a part."""
+    n_rows = out.shape[0]
+    for q in prange(n_parts):
+        blas_pool._run_part(sgemm, q, n_parts, True, x, 0, W, 0, out)
+        lo, hi = blas_pool._bound(q, n_rows, n_parts), blas_pool._bound(q + 1, n_rows, n_parts)
+        _bias_act(out[lo:hi], bias, code)
+
+
 def _forward_parts_blas(x, W, out):
     """NumPy's OpenBLAS where ``_linear_act_parts`` takes this forward -- C-contiguous float32 operands,
     ``out`` apart from ``x`` and ``W``, a batch above ``config.CPU_SMALL_BATCH`` and at most
@@ -932,7 +945,12 @@ def linear_act_cpu(x, W, bias, activation, out):
     _check("out", out, (n_rows, n_out))
     if np.may_share_memory(out, bias):
         raise ValueError("out must not overlap bias")
-    partials = _scratch("forward partials", (blas_pool.thread_count(), n_rows, n_out))
+    n_parts = blas_pool.thread_count()
+    if W.size <= config.CPU_FORWARD_ROWS_MAX_WEIGHTS:
+        with blas.one_thread:
+            _linear_act_rows(blas.sgemm, n_parts, x, W, bias, code, out)
+        return
+    partials = _scratch("forward partials", (n_parts, n_rows, n_out))
     with blas.one_thread:
         _linear_act_parts(blas.sgemm, x, W, bias, code, out, partials)
 
@@ -1085,8 +1103,10 @@ class _SplitChoice:
     a window made a step's calls look twice as slow as they were.
     """
     WINDOW, FIRST_RETRY, LAST_RETRY, PAUSE_SECONDS = 64, 4, 256, 0.1
-    # a trial must beat the way in use by this much: at batch 128 the parallel kernels are 5% of a step,
-    # less than a window's noise, and a busy core costs 20-300%
+    # a trial of one thread must beat all threads by this much: at batch 128 the parallel kernels are 5%
+    # of a step, less than a window's noise, and a busy core costs 20-300%. A trial of all threads wins
+    # unless it is slower: with the margin both ways, whichever way a noisy first window chose stayed
+    # (one thread, from the warm-up, made example-b128 steps 2-3% slower: its loss kernel on one thread)
     MARGIN = 0.05
 
     def __init__(self, clock=time.perf_counter):
@@ -1129,7 +1149,9 @@ class _SplitChoice:
         if self.seconds[other] == math.inf:           # the very first windows: time both ways
             self.way = other
             return
-        lost = lost_already or per_call > (1.0 - self.MARGIN) * self.seconds[other]
+        # one thread must win by MARGIN; all threads, the way for free cores, need only not lose
+        margin = self.MARGIN if way == 1 else 0.0
+        lost = lost_already or per_call > (1.0 - margin) * self.seconds[other]
         self.gap = min(2 * self.gap, self.LAST_RETRY) if lost else self.FIRST_RETRY
         self.wait, self.phase = self.gap, "in use"
         if lost:

@@ -115,9 +115,10 @@ def test_split_gives_one_thread_blas_bits_of_each_part():
 
 @needs_split
 @pytest.mark.parametrize("n_in", [784, 20, 10])
-def test_forward_over_rows_of_w_gives_one_thread_blas_parts_added_in_order(n_in):
+def test_forward_over_rows_of_w_gives_one_thread_blas_parts_added_in_order(n_in, monkeypatch):
     """At a batch of 9 to 128, a layer's forward is one one-thread OpenBLAS product per part of W's
     rows (10 rows: an empty first part), added in order, then the bias and activation."""
+    monkeypatch.setattr(config, "CPU_FORWARD_ROWS_MAX_WEIGHTS", 0)        # W's rows, however small W is
     rng = np.random.default_rng(11)
     x, W = rng.standard_normal((128, n_in), np.float32), rng.standard_normal((n_in, 400), np.float32)
     bias = rng.standard_normal(400, np.float32)
@@ -131,6 +132,27 @@ def test_forward_over_rows_of_w_gives_one_thread_blas_parts_added_in_order(n_in)
     expected = parts[0]
     for part in parts[1:]:
         expected = expected + part
+    cpu.bias_act_cpu(expected, bias, "relu")
+    np.testing.assert_array_equal(out, expected)
+
+
+@needs_split
+@pytest.mark.parametrize("n_rows", [128, 20, 9])
+def test_forward_of_a_small_w_over_rows_of_the_batch_gives_one_thread_blas_rows(n_rows):
+    """A W of at most ``config.CPU_FORWARD_ROWS_MAX_WEIGHTS`` weights is split by the batch's rows
+    instead: one one-thread OpenBLAS product per part of x's rows (9 rows: an empty first part), then
+    the bias and activation."""
+    rng = np.random.default_rng(12)
+    x, W = rng.standard_normal((n_rows, 20), np.float32), rng.standard_normal((20, 400), np.float32)
+    bias = rng.standard_normal(400, np.float32)
+    assert W.size <= config.CPU_FORWARD_ROWS_MAX_WEIGHTS
+    out = np.full((n_rows, 400), np.nan, np.float32)
+    assert cpu._forward_parts_blas(x, W, out) is not None
+    cpu.linear_act_cpu(x, W, bias, "relu", out)
+    n_parts = numba.get_num_threads()
+    with threadpool_limits(1, user_api="blas"):
+        expected = np.concatenate([x[bound(q, n_rows, n_parts):bound(q + 1, n_rows, n_parts)] @ W
+                                   for q in range(n_parts)])
     cpu.bias_act_cpu(expected, bias, "relu")
     np.testing.assert_array_equal(out, expected)
 

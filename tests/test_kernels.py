@@ -833,6 +833,18 @@ def test_split_choice_follows_a_busy_core_and_its_end():
     assert idle[-20 * choice.WINDOW:].count(0) > 18 * choice.WINDOW
 
 
+def test_split_choice_goes_back_to_all_threads_after_a_slow_start():
+    """A slow first window (the warm-up) hands the choice to one thread; all threads take it back
+    once they are no slower, even by less than the margin that one thread must win by."""
+    clock = _Clock()
+    choice = cpu._SplitChoice(clock)
+    _run_calls(choice, clock, 2 * choice.WINDOW, (50e-6, 20e-6))
+    assert choice.way == 1
+    costs = (20e-6, (1.0 + choice.MARGIN / 2) * 20e-6)
+    ways = _run_calls(choice, clock, 100 * choice.WINDOW, costs)
+    assert ways[-50 * choice.WINDOW:].count(0) > 45 * choice.WINDOW
+
+
 def test_split_choice_cuts_a_slow_trial_short():
     clock = _Clock()
     choice = cpu._SplitChoice(clock)
