@@ -51,12 +51,19 @@ CPU_BLAS_SPLIT_THREADS = 2
 # wide-b512 (its batch of 512 switched on for the test): 1.029 and 1.042 in those phases, but 0.972
 # outside them (new faster in 6 of 23): its partial products are 2 MB each, written and read again.
 CPU_FORWARD_PARTS_MAX_BATCH = 128
-# ... except for a W of at most this many weights (the heads and the decoder's first layer of the
-# example network, 8-16k), whose forward splits by the batch's rows instead, each thread's product
-# straight into its rows of the output with the bias and activation: a product over 10 of W's rows is
-# a poor OpenBLAS call, and the partial products cost more than reading the other thread's rows of so
-# small a W.
-CPU_FORWARD_ROWS_MAX_WEIGHTS = 1 << 16
+# A thin layer -- a W of at most this many weights: the example network's heads (400x40) and decoder's
+# first layer (20x400), 8-16k -- goes its own way wherever products are split, because products over
+# 10 of W's rows or 20 of its columns are mostly each OpenBLAS call's fixed cost:
+# - its forward (batches 9 to CPU_FORWARD_PARTS_MAX_BATCH) by the batch's rows, each thread's product
+#   straight into its rows of the output with the bias and activation. Alone: 27.2 -> 9.5 and
+#   20.4 -> 15.7 us; example-b128 step 1.015 old/new in slow phases (25 of 26 alternations), 1.006
+#   otherwise. Reading the other thread's rows of so small a W costs little; for the big layers this
+#   way was slower (0.935).
+# - its backward with a data gradient: the weight and data gradients whole, side by side on the two
+#   threads, then the update (kernels.cpu._layer_pair_adam). Alone 36 -> 26 and 47 -> 37 us;
+#   example-b128 step 1.011 (15 of 17) and 1.034-1.041 in slow phases (28 of 29, 10 of 13);
+#   wide-b512, whose decoder's first layer (64x1024) also takes it, 1.002.
+CPU_THIN_LAYER_MAX_WEIGHTS = 1 << 16
 
 # Numba threading layers whose threads wait ready between parallel calls; only these run the parallel
 # kernels and take OpenBLAS's jobs (workqueue wakes sleeping threads per call, see below).

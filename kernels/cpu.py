@@ -890,6 +890,26 @@ def _layer_parts_adam(sgemm, n_parts, x, d, params, grads, m, v, offset, n_out, 
     return acc
 
 
+@njit(**_JIT_PARALLEL)
+def _layer_pair_adam(sgemm, x, d, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2, step_size,
+                     root_corr, eps, decay):
+    """A small layer's two gradient products side by side, each whole in a one-thread OpenBLAS call:
+    dW = x.T @ d on one thread while dx = d @ W.T (W as it was) runs on the other; then the calling
+    thread, which wrote dW, updates the block. Split into parts, products this thin (20 or 40 columns
+    or a depth of 20) are mostly each OpenBLAS call's fixed cost, paid twice."""
+    n_in = x.shape[1]
+    end = offset + n_in * n_out
+    W = params[offset:end].reshape((n_in, n_out))
+    dW = grads[offset:end].reshape((n_in, n_out))
+    for q in prange(2):
+        if q == 0:
+            blas_pool._run_part(sgemm, 0, 1, True, x, 1, d, 0, dW)
+        else:
+            blas_pool._run_part(sgemm, 0, 1, False, d, 0, W, 1, dx)
+    return _adam_serial(params[offset:end + n_out], grads[offset:end + n_out], m[offset:end + n_out],
+                        v[offset:end + n_out], beta1, beta2, c1, c2, step_size, root_corr, eps, decay)
+
+
 @njit(**_JIT)
 def _sum_parts_bias_act(partials, bias, code, out):
     """``out = act(partials[0] + partials[1] + ... + bias)``, the parts added in that order."""
@@ -961,7 +981,7 @@ def linear_act_cpu(x, W, bias, activation, out):
     if np.may_share_memory(out, bias):
         raise ValueError("out must not overlap bias")
     n_parts = blas_pool.thread_count()
-    if W.size <= config.CPU_FORWARD_ROWS_MAX_WEIGHTS:
+    if W.size <= config.CPU_THIN_LAYER_MAX_WEIGHTS:
         with blas.one_thread:
             _linear_act_rows(blas.sgemm, n_parts, x, W, bias, code, out)
         return
@@ -1024,6 +1044,11 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
             if np.may_share_memory(dx_out, a):
                 raise ValueError("dx_out must not overlap the other arguments")
     way = _fused_way(n_rows)
+    if (way is not None and way is not _SMALL and dx_out is not None
+            and n_in * n_out <= config.CPU_THIN_LAYER_MAX_WEIGHTS):
+        constants = _adam_constants(step, lr, beta1, beta2, eps, weight_decay, 1.0)
+        with way.one_thread:
+            return _layer_pair_adam(way.sgemm, x, delta, params, grads, m, v, offset, n_out, dx_out, *constants)
     if way is None or (way is not _SMALL and not _split_fits(n_rows, n_in, n_out, dx_out is not None)):
         return layer_backward_adam_composed(matmul_cpu, adam_step_cpu, x, delta, params, grads, m, v, block,
                                             dx_out, step, lr, beta1, beta2, eps, weight_decay)

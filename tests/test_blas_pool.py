@@ -118,7 +118,7 @@ def test_split_gives_one_thread_blas_bits_of_each_part():
 def test_forward_over_rows_of_w_gives_one_thread_blas_parts_added_in_order(n_in, monkeypatch):
     """At a batch of 9 to 128, a layer's forward is one one-thread OpenBLAS product per part of W's
     rows (10 rows: an empty first part), added in order, then the bias and activation."""
-    monkeypatch.setattr(config, "CPU_FORWARD_ROWS_MAX_WEIGHTS", 0)        # W's rows, however small W is
+    monkeypatch.setattr(config, "CPU_THIN_LAYER_MAX_WEIGHTS", 0)        # W's rows, however small W is
     rng = np.random.default_rng(11)
     x, W = rng.standard_normal((128, n_in), np.float32), rng.standard_normal((n_in, 400), np.float32)
     bias = rng.standard_normal(400, np.float32)
@@ -139,13 +139,13 @@ def test_forward_over_rows_of_w_gives_one_thread_blas_parts_added_in_order(n_in,
 @needs_split
 @pytest.mark.parametrize("n_rows", [128, 20, 9])
 def test_forward_of_a_small_w_over_rows_of_the_batch_gives_one_thread_blas_rows(n_rows):
-    """A W of at most ``config.CPU_FORWARD_ROWS_MAX_WEIGHTS`` weights is split by the batch's rows
+    """A W of at most ``config.CPU_THIN_LAYER_MAX_WEIGHTS`` weights is split by the batch's rows
     instead: one one-thread OpenBLAS product per part of x's rows (9 rows: an empty first part), then
     the bias and activation."""
     rng = np.random.default_rng(12)
     x, W = rng.standard_normal((n_rows, 20), np.float32), rng.standard_normal((20, 400), np.float32)
     bias = rng.standard_normal(400, np.float32)
-    assert W.size <= config.CPU_FORWARD_ROWS_MAX_WEIGHTS
+    assert W.size <= config.CPU_THIN_LAYER_MAX_WEIGHTS
     out = np.full((n_rows, 400), np.nan, np.float32)
     assert cpu._forward_parts_blas(x, W, out) is not None
     cpu.linear_act_cpu(x, W, bias, "relu", out)
@@ -302,6 +302,11 @@ def test_engine_steps_with_the_split_repeat_bit_for_bit():
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+def _one_thread_blas(a, b, out):
+    with threadpool_limits(1, user_api="blas"):
+        np.matmul(a, b, out=out)
+
+
 @needs_split
 @pytest.mark.parametrize("n_in,n_out", [(784, 400), (400, 784), (400, 40), (20, 400), (3, 5)])
 @pytest.mark.parametrize("with_dx", [True, False])
@@ -309,7 +314,8 @@ def test_layer_update_in_the_split_gives_the_plain_paths_bits(n_in, n_out, with_
     """At a batch above CPU_SMALL_BATCH, kernels.cpu.layer_backward_adam_cpu runs each thread's column
     part of the data gradient, row part of the weight gradient and their update in one launch (or,
     for a layer the split would cut otherwise, the plain products): the bits of the split products
-    followed by adam_step_cpu, whichever OpenBLAS kernel runs."""
+    followed by adam_step_cpu, whichever OpenBLAS kernel runs. A thin layer with a data gradient
+    computes both products whole, each on one thread: one-thread OpenBLAS's bits."""
     rng = np.random.default_rng(11)
     batch, offset = 128, 3
     assert cpu.fuses_layer_adam_cpu(batch)
@@ -318,7 +324,10 @@ def test_layer_update_in_the_split_gives_the_plain_paths_bits(n_in, n_out, with_
              np.abs(rng.standard_normal(n, np.float32)) * 0.01, np.abs(rng.standard_normal(n, np.float32)) * 0.01]
     x, delta = rng.standard_normal((batch, n_in), np.float32), rng.standard_normal((batch, n_out), np.float32)
     runs = []
-    plain_kernels = partial(layer_backward_adam_composed, cpu.matmul_cpu, cpu.adam_step_cpu)
+    plain_matmul = cpu.matmul_cpu
+    if with_dx and n_in * n_out <= config.CPU_THIN_LAYER_MAX_WEIGHTS:
+        plain_matmul = _one_thread_blas          # a thin layer's products whole, side by side
+    plain_kernels = partial(layer_backward_adam_composed, plain_matmul, cpu.adam_step_cpu)
     for kernel in (cpu.layer_backward_adam_cpu, plain_kernels):
         out = [a.copy() for a in state]
         dx = np.full((batch, n_in), np.nan, np.float32) if with_dx else None
