@@ -46,11 +46,14 @@ def adam_step_reference(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, e
 # bias the ``n_out`` elements after it; ``x`` (B, n_in) is the layer's input and ``delta`` (B, n_out) the
 # gradient of its pre-activation, whose column sums (the bias gradient) are already in ``grads``::
 #
-#     dW     = x.T @ delta                        (written into grads, as the plain backward does)
+#     dW     = x.T @ delta
 #     dx_out = delta @ W.T                        (W before the update; skipped when dx_out is None)
 #     Adam step ``step`` on the [W; b] block      (no clipping: that needs every layer's gradient first)
 #
-# It returns the block's sum of squared gradients, so the caller can report the global norm.
+# It returns the block's sum of squared gradients, so the caller can report the global norm. The W part
+# of ``grads`` is the kernel's scratch: the reference leaves dW there, as the plain backward does, but a
+# table may never store it (the CPU table's small-batch kernel computes each weight's gradient in
+# registers and updates the weight at once), so nothing may read it after the call.
 # ``fuses_layer_adam(batch_size)`` says whether a table's version is worth calling instead of the plain
 # backward and one ``adam_step``: where it is only this composition, it is not.
 

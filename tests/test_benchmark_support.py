@@ -24,13 +24,21 @@ TINY = BenchConfig("tiny", input_dim=12, hidden=(5, 4), latent=3, batch=6)
 
 
 def our_first_step(config, seed=0):
-    """Our initial flat params, the noise our first step draws, and the step itself after it ran."""
+    """Our initial flat params, the noise our first step draws, our gradient there, and the step itself
+    after it ran. The gradient comes from the plain backward, which stores every layer's: the step's
+    fused kernels need not (``layer_backward_adam``)."""
     ours = OurStep(config, seed=seed)
     initial = ours.model.params.copy()
     # the backend's generator is default_rng(seed); train_step draws the (B, Z) noise from it first
     eps = np.random.default_rng(seed).standard_normal((config.batch, config.latent), dtype=np.float32)
+    model, ws, scale = ours.model, ours.model.workspace(config.batch), 1.0 / config.batch
+    ours.backend.images_into(ws.x, ours.images)
+    ws.eps[...] = eps
+    model.loss(ws, grad_scale=scale)
+    model.backward(ws, kl_weight=1.0, grad_scale=scale)
+    grads = model.grads.copy()
     rec, kl, _ = ours.step()
-    return ours, initial, eps, (rec + kl) / config.batch
+    return ours, initial, eps, (rec + kl) / config.batch, grads
 
 
 # -- configurations and the matmul count ---------------------------------------------------------
@@ -99,12 +107,12 @@ def test_torch_reference_computes_our_loss_gradients_and_adam_update():
 
     from vaecore.benchmark.torch_reference import TorchStep, to_flat
 
-    ours, initial, eps, our_loss = our_first_step(TINY)
+    ours, initial, eps, our_loss, our_grads = our_first_step(TINY)
     ref = TorchStep(TINY, flat_params=initial, threads=1)
     np.testing.assert_array_equal(to_flat(ref.module), initial)
     loss = ref.step(eps=torch.from_numpy(eps))
     assert float(loss) == pytest.approx(float(our_loss), rel=1e-5)
-    np.testing.assert_allclose(to_flat(ref.module, grads=True), ours.model.grads, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(to_flat(ref.module, grads=True), our_grads, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(to_flat(ref.module), ours.model.params, rtol=0, atol=2e-6)
 
 
@@ -115,13 +123,13 @@ def test_jax_reference_computes_our_loss_gradients_and_adam_update():
 
     from vaecore.benchmark.jax_reference import JaxStep, params_from_flat, to_flat
 
-    ours, initial, eps, our_loss = our_first_step(TINY)
+    ours, initial, eps, our_loss, our_grads = our_first_step(TINY)
     ref = JaxStep(TINY, flat_params=initial)
     np.testing.assert_array_equal(to_flat(ref.params), initial)
     (value, _), grads = jax.value_and_grad(ref.loss, has_aux=True)(params_from_flat(TINY, initial), ref.x,
                                                                    jnp.asarray(eps))
     assert float(value) == pytest.approx(float(our_loss), rel=1e-5)
-    np.testing.assert_allclose(to_flat(grads), ours.model.grads, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(to_flat(grads), our_grads, rtol=1e-4, atol=1e-6)
     loss = ref.step(eps=jnp.asarray(eps))
     assert float(loss) == pytest.approx(float(our_loss), rel=1e-5)
     np.testing.assert_allclose(to_flat(ref.params), ours.model.params, rtol=0, atol=2e-6)
