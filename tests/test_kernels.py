@@ -569,6 +569,22 @@ def test_linear_act_matches_reference(rng, batch, n_in, n_out, activation):
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=1e-5 * n_in ** 0.5)
 
 
+@pytest.mark.parametrize("mode", POOL_MODES)
+@pytest.mark.parametrize("batch", [1, 4, 7, 8])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_small_batch_forward_gives_the_products_bits_then_bias_act(rng, monkeypatch, mode, batch, activation):
+    """Up to CPU_SMALL_BATCH rows, a layer's forward adds the small-batch product's parts with the bias
+    and activation in one call: the bits of ``matmul_cpu`` and then ``bias_act_cpu``, in every pool mode."""
+    _set_pool_mode(monkeypatch, mode)
+    x, W, bias = f32(rng, (batch, 784)), f32(rng, (784, 400), 784 ** -0.5), f32(rng, 400)
+    expected = np.empty((batch, 400), np.float32)
+    cpu.matmul_cpu(x, W, expected)
+    cpu.bias_act_cpu(expected, bias, activation)
+    out = np.full((batch, 400), np.nan, np.float32)
+    cpu.linear_act_cpu(x, W, bias, activation, out)
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_linear_act_into_its_own_input_and_bad_arguments():
     rng = np.random.default_rng(5)
     x, W, bias = f32(rng, (16, 6)), f32(rng, (6, 6), 0.4), f32(rng, 6)
