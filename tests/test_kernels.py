@@ -424,7 +424,8 @@ def test_layer_backward_adam_matches_reference(rng, monkeypatch, mode, n_in, n_o
         np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5 * math.sqrt(n_out))
     offset, w_end = block[0], block[0] + n_in * n_out
     grads, grads_ref = out.pop(1), ref.pop(1)       # grads' W part is the kernel's scratch; the rest is input
-    np.testing.assert_array_equal(np.delete(grads, np.s_[offset:w_end]), np.delete(grads_ref, np.s_[offset:w_end]))
+    w_part = np.s_[offset:w_end]
+    np.testing.assert_array_equal(np.delete(grads, w_part), np.delete(grads_ref, w_part))
     for a, b in zip(out, ref):
         assert a[0] == b[0] and a[-1] == b[-1]
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-6)
