@@ -11,7 +11,10 @@ of ``DESIGN.md`` with each implementation: ``ours-numpy``, ``torch`` (eager), ``
 step) and ``matmul-ceiling``, the step's matmuls alone at this machine's BLAS rate; on a GPU also
 ``ours-cupy``, ``torch-cuda``, ``jax-gpu`` and ``matmul-ceiling-cupy`` (cuBLAS). Each one that cannot
 run here is skipped with the reason. Groups are the configuration names. The summary at the end prints
-the table ``vaecore bench`` prints, from the medians of this run. Also here: one MNIST training epoch, the importance-sampled evaluation's
+the table ``vaecore bench`` prints, from the medians of this run. Those benchmarks run one after
+another, so ``test_interleaved_comparison`` also times every implementation in interleaved rounds, as
+``vaecore bench`` does, and prints that table too: on a machine whose speed changes within seconds its
+ratios are the ones to quote. Also here: one MNIST training epoch, the importance-sampled evaluation's
 throughput, and resident memory over a 10-epoch ``train`` (all at example-b128).
 
 Every implementation is warmed up (Numba's cache loaded, JAX compiled, thread pools started) before
@@ -107,6 +110,34 @@ def test_step(benchmark, config, impl):
         benchmark.extra_info["steps_per_s"] = 1.0 / stats.median
         if impl.startswith("matmul-ceiling"):
             benchmark.extra_info["matmul_gflops"] = step_matmul_flops(CONFIGS[config]) / stats.median / 1e9
+
+
+INTERLEAVED_SECONDS = 1.0      # per implementation and configuration
+
+
+@pytest.mark.parametrize("backend", list(REFERENCES_ON))
+def test_interleaved_comparison(benchmark, backend):
+    """``vaecore bench``'s comparison: each configuration's implementations timed in interleaved rounds.
+    The step benchmarks above run one after another, so a change of the machine's speed between them
+    (on the project's machine they come and go within seconds) shifts their ratios; here it falls on
+    every implementation alike. Its table follows the one above, and its ratios go into the JSON."""
+    from vaecore.benchmark.report import compare
+
+    try:
+        result = {}
+        settle()
+        with np.errstate(all="ignore"):
+            benchmark.pedantic(lambda: result.update(comparison=compare(seconds=INTERLEAVED_SECONDS,
+                                                                        backend=backend)), rounds=1, iterations=1)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    benchmark.group = "interleaved"
+    results = result["comparison"].results
+    benchmark.extra_info.update(backend=backend, ratio_to_faster_reference={r.name: r.ratio() for r in results},
+                                share_of_ceiling={r.name: r.ceiling_share() for r in results})
+    _extra_lines.append(f"the same, {backend}, timed in interleaved rounds as `vaecore bench` does "
+                        f"({INTERLEAVED_SECONDS:g} s per implementation and configuration):")
+    _extra_lines.extend(format_table(results).split("\n\n")[0].splitlines() + [""])  # its table, not the legend
 
 
 # -- one MNIST epoch, evaluation throughput, memory over a 10-epoch run -----------------------------
