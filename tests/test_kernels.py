@@ -481,6 +481,19 @@ def test_fused_layer_update_refuses_what_it_cannot_do(rng):
         cpu.layer_backward_adam_cpu(x, delta, *state, block, x, 1, 1e-3)
     with pytest.raises(ValueError, match="x"):
         cpu.layer_backward_adam_cpu(x.astype(np.float64), delta, *state, block, None, 1, 1e-3)
+    params, grads, m, v = state
+    # each flat buffer named when it is wrong (one fast check, then the per-buffer messages)
+    for bad, name in [((params, grads, m.astype(np.float64), v), "m: .*float64"),
+                      ((params, grads[:-1], m, v), r"grads: expected shape"),
+                      ((params, grads, m, np.zeros(2 * v.size, np.float32)[::2]), "v: .*not C-contiguous"),
+                      ((params.reshape(1, -1), grads, m, v), "params: expected shape"),
+                      ((params, list(grads), m, v), "grads: .*got list")]:
+        with pytest.raises(ValueError, match=name):
+            cpu.layer_backward_adam_cpu(x, delta, *bad, block, None, 1, 1e-3)
+    big = np.zeros(2 * params.size, np.float32)
+    with pytest.raises(ValueError, match="overlap"):                   # dx inside a flat buffer
+        cpu.layer_backward_adam_cpu(x, delta, big[:params.size], grads, m, v, block,
+                                    big[params.size - 3:params.size - 3 + x.size].reshape(x.shape), 1, 1e-3)
 
 
 @pytest.mark.parametrize("shape", [(128, 784), (257, 300)])
