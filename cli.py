@@ -280,7 +280,8 @@ def build_parser():
                         "about 5 S + 4 seconds per configuration); longer gives steadier medians")
     b.add_argument("--backend", choices=BACKENDS, default="numpy",
                    help="where our step runs: numpy (CPU; default, the claim is about the CPU), cupy (NVIDIA GPU, "
-                        "against PyTorch and JAX on the same GPU and cuBLAS's matmul rate) or auto (CuPy when a GPU answers, else NumPy)")
+                        "against PyTorch and JAX on the same GPU and cuBLAS's matmul rate) or auto (CuPy when a GPU "
+                        "answers, else NumPy)")
 
     d = commands.add_parser("data", help="fetch or inspect data sets", description="Fetch or inspect data sets.")
     data_commands = d.add_subparsers(dest="data_command", required=True, metavar="ACTION", parser_class=OneLineParser)

@@ -847,15 +847,7 @@ def _rows_times_parallel(x, W, out, parts):
     for c in prange(n_parts):
         lo, hi = c * n_in // n_parts, (c + 1) * n_in // n_parts
         _rows_times(x[:, lo:hi], W[lo:hi], parts[c])
-    n_rows, n_out = out.shape
-    for r in range(n_rows):
-        o = out[r]
-        for j in range(n_out):
-            o[j] = parts[0, r, j]
-        for c in range(1, n_parts):
-            p = parts[c, r]
-            for j in range(n_out):
-                o[j] += p[j]
+    _sum_parts(parts, out)
 
 
 @njit(**_JIT_PARALLEL)
@@ -1009,8 +1001,8 @@ def _layer_pair_adam(sgemm, x, d, params, grads, m, v, offset, n_out, dx, beta1,
 
 
 @njit(**_JIT)
-def _sum_parts_bias_act(partials, bias, code, out):
-    """``out = act(partials[0] + partials[1] + ... + bias)``, the parts added in that order."""
+def _sum_parts(partials, out):
+    """``out = partials[0] + partials[1] + ...``, added in that order."""
     for i in range(out.shape[0]):
         o = out[i]
         for j in range(o.size):
@@ -1019,6 +1011,12 @@ def _sum_parts_bias_act(partials, bias, code, out):
             row = partials[p, i]
             for j in range(o.size):
                 o[j] += row[j]
+
+
+@njit(**_JIT)
+def _sum_parts_bias_act(partials, bias, code, out):
+    """``out = act(partials[0] + partials[1] + ... + bias)``, the parts added in that order."""
+    _sum_parts(partials, out)
     _bias_act(out, bias, code)
 
 

@@ -31,11 +31,11 @@ class ConfigResult:
     ours_impl: str                                   # "ours-numpy" or "ours-cupy"
     ours: object = None
     references: dict = field(default_factory=dict)   # "torch"/"jax" -> Timing (missing ones absent)
+    ceiling: object = None
 
     @property
     def backend(self):
         return self.ours_impl.split("-", 1)[1]
-    ceiling: object = None
 
     @property
     def name(self):
