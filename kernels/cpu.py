@@ -654,10 +654,13 @@ _UNIT = _f(1.0 / 255.0)
 
 
 @njit(**_JIT)
-def _pixels(src, out):
+def _pixels(src, out, lo, hi):
+    """Columns lo..hi. Each row's are a slice of the whole row (Numba keeps it contiguous): converted
+    through ``src[:, lo:hi]``, whose rows have the any-layout type, the loop did not vectorise and the
+    split conversion took 15.7 us at 128x784 instead of 4.1."""
     for i in range(src.shape[0]):
-        s, o = src[i], out[i]
-        for j in range(src.shape[1]):
+        s, o = src[i, lo:hi], out[i, lo:hi]
+        for j in range(s.size):
             o[j] = _f(s[j]) * _UNIT
 
 
@@ -668,7 +671,7 @@ def _pixels_parts(src, out, n_parts):
     n_cols = src.shape[1]
     for q in prange(n_parts):
         lo, hi = blas_pool._bound(q, n_cols, n_parts), blas_pool._bound(q + 1, n_cols, n_parts)
-        _pixels(src[:, lo:hi], out[:, lo:hi])
+        _pixels(src, out, lo, hi)
 
 
 def pixels_cpu(src, out):
@@ -680,7 +683,7 @@ def pixels_cpu(src, out):
     if not (isinstance(src, np.ndarray) and src.dtype == np.uint8 and src.shape == shape):
         raise ValueError(f"src must be a uint8 array of shape {shape}")
     if _split_blas(shape[0]) is None:
-        _pixels(src, out)
+        _pixels(src, out, 0, shape[1])
     else:
         _pixels_parts(src, out, blas_pool.thread_count())
 
@@ -847,7 +850,7 @@ def _rows_times_parallel(x, W, out, parts):
     for c in prange(n_parts):
         lo, hi = c * n_in // n_parts, (c + 1) * n_in // n_parts
         _rows_times(x[:, lo:hi], W[lo:hi], parts[c])
-    _sum_parts(parts, out)
+    _sum_parts(parts, out, 0, out.shape[0])
 
 
 @njit(**_JIT_PARALLEL)
@@ -859,7 +862,7 @@ def _rows_times_act_parallel(x, W, bias, code, out, parts):
     for c in prange(n_parts):
         lo, hi = c * n_in // n_parts, (c + 1) * n_in // n_parts
         _rows_times(x[:, lo:hi], W[lo:hi], parts[c])
-    _sum_parts_bias_act(parts, bias, code, out)
+    _sum_parts_bias_act(parts, bias, code, out, 0, out.shape[0])
 
 
 @njit(**_JIT_PARALLEL)
@@ -1001,12 +1004,14 @@ def _layer_pair_adam(sgemm, x, d, params, grads, m, v, offset, n_out, dx, beta1,
 
 
 @njit(**_JIT)
-def _sum_parts(partials, out):
-    """``out = partials[0] + partials[1] + ...``, added in that order."""
-    for i in range(out.shape[0]):
-        o = out[i]
+def _sum_parts(partials, out, lo, hi):
+    """Rows lo..hi of ``out = partials[0] + partials[1] + ...``, added in that order. The rows are
+    taken from the whole arrays: a slice such as ``partials[:, lo:hi]`` has Numba's any-layout type,
+    whose rows did not vectorise (128x784, two parts: 25.8 us against 8.1)."""
+    for i in range(lo, hi):
+        o, first = out[i], partials[0, i]
         for j in range(o.size):
-            o[j] = partials[0, i, j]
+            o[j] = first[j]
         for p in range(1, partials.shape[0]):
             row = partials[p, i]
             for j in range(o.size):
@@ -1014,10 +1019,11 @@ def _sum_parts(partials, out):
 
 
 @njit(**_JIT)
-def _sum_parts_bias_act(partials, bias, code, out):
-    """``out = act(partials[0] + partials[1] + ... + bias)``, the parts added in that order."""
-    _sum_parts(partials, out)
-    _bias_act(out, bias, code)
+def _sum_parts_bias_act(partials, bias, code, out, lo, hi):
+    """Rows lo..hi of ``out = act(partials[0] + partials[1] + ... + bias)``, the parts added in that
+    order."""
+    _sum_parts(partials, out, lo, hi)
+    _bias_act(out[lo:hi], bias, code)
 
 
 @njit(**_JIT_PARALLEL)
@@ -1032,7 +1038,7 @@ def _linear_act_parts(sgemm, x, W, bias, code, out, partials):
         blas_pool._run_k_part(sgemm, q, n_parts, x, W, partials[q])
     for q in prange(n_parts):
         lo, hi = blas_pool._bound(q, n_rows, n_parts), blas_pool._bound(q + 1, n_rows, n_parts)
-        _sum_parts_bias_act(partials[:, lo:hi], bias, code, out[lo:hi])
+        _sum_parts_bias_act(partials, bias, code, out, lo, hi)
 
 
 @njit(**_JIT_PARALLEL)
