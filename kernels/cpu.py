@@ -44,6 +44,7 @@ from . import blas_pool, config
 from .adam import layer_backward_adam_composed
 from .bias_act import ACTIVATIONS, activation_code, linear_act_composed
 from .likelihood import LOG_2PI
+from .noise import uniform_count
 
 # -- compile settings ---------------------------------------------------------------------------------
 # 'contract' lets LLVM fuse a*b+c into an FMA (one rounding instead of two); nothing else is relaxed:
@@ -105,6 +106,30 @@ def _pow2i(typingctx, k):
     return types.float32(k), codegen
 
 
+@intrinsic
+def _bits(typingctx, x):
+    """The bits of float32 ``x`` as an int32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(x), codegen
+
+
+@intrinsic
+def _from_bits(typingctx, k):
+    """The float32 whose bits are the low 32 of the integer ``k``."""
+    if not isinstance(k, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(context.cast(builder, args[0], signature.args[0], types.int32), ir.FloatType())
+
+    return types.float32(k), codegen
+
+
 _LOG2E = _f(1.4426950408889634)
 _LN2_HI = _f(0.693359375)         # ln 2 split in two so that n * _LN2_HI is exact
 _LN2_LO = _f(-2.12194440e-4)
@@ -146,6 +171,41 @@ def _log1p_unit(e):
     p = p * s2 + _f(1.0 / 5.0)
     p = p * s2 + _f(1.0 / 3.0)
     return _f(2.0) * s + (_f(2.0) * s) * (s2 * p)
+
+
+_SQRT_HALF_BITS = np.int32(0x3F3504F3)     # the bits of sqrt(1/2) as float32
+
+
+@njit(inline="always", **_JIT)
+def _log_normal32(x):
+    """log(x) for a normal positive float32 ``x`` (no zero, subnormal, Inf or NaN): x = 2**k m with m
+    in [sqrt(1/2), sqrt(2)), then k ln 2 + log1p(m - 1) -- m - 1 exact, and near x = 1 no cancellation."""
+    bits = _bits(x)
+    k = ((bits - _SQRT_HALF_BITS) >> np.int32(23))                 # exponent, moved up where m >= sqrt(2)
+    m = _from_bits(bits - (k << np.int32(23)))
+    kf = _f(k)
+    return kf * _LN2_HI + (kf * _LN2_LO + _log1p_unit(m - _f(1.0)))
+
+
+_TWO_PI = _f(2.0 * math.pi)
+
+
+@njit(inline="always", **_JIT)
+def _cos_sin_turns(t):
+    """(cos 2 pi t, sin 2 pi t) for float32 ``t`` in [0, 1): the nearest quarter turn q taken off
+    exactly (t is a multiple of 2**-24), then Cephes' sinf and cosf polynomials on [-pi/4, pi/4]."""
+    q = np.floor(t * _f(4.0) + _f(0.5))
+    r = (t - q * _f(0.25)) * _TWO_PI                # in [-pi/4, pi/4]
+    z = r * r
+    s = ((_f(-1.9515295891e-4) * z + _f(8.3321608736e-3)) * z + _f(-1.6666654611e-1)) * z * r + r
+    c = ((_f(2.443315711809948e-5) * z + _f(-1.388731625493765e-3)) * z + _f(4.166664568298827e-2)) * (z * z)
+    c = c - _f(0.5) * z + _f(1.0)
+    quarter = np.int32(q) & np.int32(3)
+    odd = (quarter & np.int32(1)) == np.int32(1)
+    cos_t, sin_t = (s, c) if odd else (c, s)
+    cos_t = -cos_t if quarter == np.int32(1) or quarter == np.int32(2) else cos_t
+    sin_t = -sin_t if quarter >= np.int32(2) else sin_t
+    return cos_t, sin_t
 
 
 @njit(inline="always", **_JIT)
@@ -647,6 +707,30 @@ def bias_act_backward_cpu(dy, y, activation, dpre_out, dbias_out):
     _check("dpre_out", dpre_out, shape)
     _check("dbias_out", dbias_out, (shape[1],))
     _bias_act_backward(dy, y, code, dpre_out, dbias_out, dpre_out is dy)
+
+
+# -- noise ----------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _box_muller(u, out):
+    n_pairs = out.size // 2
+    for k in range(n_pairs):
+        r = np.sqrt(_f(-2.0) * _log_normal32(_f(1.0) - u[2 * k]))
+        c, s = _cos_sin_turns(u[2 * k + 1])
+        out[2 * k] = r * c
+        out[2 * k + 1] = r * s
+    if out.size % 2:
+        r = np.sqrt(_f(-2.0) * _log_normal32(_f(1.0) - u[out.size - 1]))
+        c, s = _cos_sin_turns(u[out.size])
+        out[out.size - 1] = r * c
+
+
+def normal_from_uniform_cpu(u, out):
+    """See :mod:`kernels.noise` (within 4 ulp of the float64 reference times r, plus its rounding)."""
+    _check("out", out, out.shape)
+    _check("u", u, (uniform_count(out.size),))
+    _box_muller(u, out.reshape(-1))
 
 
 # -- pixels ------------------------------------------------------------------------------------------
@@ -1358,6 +1442,7 @@ def warm_up():
     _rows_times_parallel(x, w, np.empty((5, 3), np.float32), np.empty((2, 5, 3), np.float32))
     _bernoulli_nll_grad_parallel(x, x, 1.0, np.empty_like(x), np.empty(5, np.float32), 2)
     pixels_cpu(np.zeros((5, 4), np.uint8), x)
+    normal_from_uniform_cpu(np.zeros(2, np.float32), np.empty(2, np.float32))
     _pool_is_fast()
     blas_pool.warm_up()
     # every way a layer's forward and fused update can go, where it runs: a small batch and a split one,
@@ -1384,6 +1469,7 @@ __all__ = [
     "layer_backward_adam_cpu",
     "linear_act_cpu",
     "matmul_cpu",
+    "normal_from_uniform_cpu",
     "pixels_cpu",
     "reparameterize_kl_backward_cpu",
     "reparameterize_kl_cpu",

@@ -30,7 +30,8 @@ def our_first_step(config, seed=0):
     ours = OurStep(config, seed=seed)
     initial = ours.model.params.copy()
     # the backend's generator is default_rng(seed); train_step draws the (B, Z) noise from it first
-    eps = np.random.default_rng(seed).standard_normal((config.batch, config.latent), dtype=np.float32)
+    eps = np.empty((config.batch, config.latent), np.float32)
+    ours.backend.normal_into(eps, eps, rng=np.random.default_rng(seed))
     model, ws, scale = ours.model, ours.model.workspace(config.batch), 1.0 / config.batch
     ours.backend.images_into(ws.x, ours.images)
     ws.eps[...] = eps

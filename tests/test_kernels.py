@@ -929,3 +929,63 @@ def test_pixels_refuse_other_shapes_and_types():
     for bad in (np.zeros((2, 4), np.uint8), np.zeros((2, 3), np.float32), [[0, 0, 0], [0, 0, 0]]):
         with pytest.raises(ValueError, match="uint8"):
             cpu.pixels_cpu(bad, out)
+
+
+# -- noise: normals from uniforms ---------------------------------------------------------------------
+
+# uniforms where the transform's branches meet: r = 0 and the largest r; the quarter turns and
+# the uniforms just around them (each quadrant's sign and swap); the smallest nonzero uniform
+_NOISE_EDGES = [0.0, 0.0, 1 - 2**-24, 0.25, 2**-24, 0.5, 0.5 - 2**-24, 0.75, 0.125, 0.125,
+                0.125 + 2**-24, 0.875, 0.3, 1 - 2**-24, 3 * 2**-24, 0.625, 0.7, 0.25 - 2**-24, 0.7, 0.75 + 2**-24]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, len(_NOISE_EDGES), 4096])
+def test_normals_from_uniforms_match_the_reference(rng, n):
+    """Within 4 ulp of r (the radius): the float64 reference rounded once, against float32 log, square
+    root and polynomials; an odd count drops the last pair's sine."""
+    u = rng.integers(0, 2**24, kernels.noise.uniform_count(n)).astype(np.float32) * np.float32(2**-24)
+    edges = np.array(_NOISE_EDGES, np.float32)[:u.size]
+    u[:edges.size] = edges
+    out, ref = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    cpu.normal_from_uniform_cpu(u, out)
+    kernels.noise.normal_from_uniform_reference(u, ref)
+    radius = np.sqrt(-2.0 * np.log1p(-u[0::2].astype(np.float64))).repeat(2)[:n]
+    assert np.all(np.abs(out.astype(np.float64) - ref) <= 4 * 2**-24 * radius + 1e-30)
+    assert np.all(np.abs(out) <= math.sqrt(48 * math.log(2)) + 1e-6)
+
+
+def test_normals_from_uniforms_keep_any_shape():
+    u = np.linspace(0, 1, 12, endpoint=False, dtype=np.float32)
+    out, flat = np.empty((3, 4), np.float32), np.empty(12, np.float32)
+    cpu.normal_from_uniform_cpu(u, out)
+    cpu.normal_from_uniform_cpu(u, flat)
+    np.testing.assert_array_equal(out.reshape(-1), flat)
+
+
+def test_normals_from_uniforms_refuse_wrong_sizes_and_types():
+    with pytest.raises(ValueError, match="u: expected shape"):
+        cpu.normal_from_uniform_cpu(np.zeros(6, np.float32), np.empty(7, np.float32))
+    with pytest.raises(ValueError, match="out: the cpu kernels need"):
+        cpu.normal_from_uniform_cpu(np.zeros(8, np.float32), np.empty(7))
+
+
+def test_backend_noise_is_standard_normal():
+    """A million numbers from the backend's generator: the moments, the mass beyond 1, 2 and 3
+    standard deviations, and the largest gap between the empirical and the normal CDF (Kolmogorov-
+    Smirnov; 1.63 / sqrt(n) is its 1% critical value) are those of N(0, 1)."""
+    from vaecore.backend import make_backend
+
+    backend = make_backend("numpy", seed=0)
+    n = 1 << 20
+    z = np.empty((n // 64, 64), np.float32)
+    backend.normal_into(z, None)
+    z = z.reshape(-1).astype(np.float64)
+    se = 1 / math.sqrt(n)
+    assert abs(z.mean()) < 4 * se and abs(z.var() - 1) < 4 * math.sqrt(2) * se
+    for k in (1, 2, 3):
+        tail = math.erfc(k / math.sqrt(2))
+        assert abs(np.mean(np.abs(z) > k) - tail) < 4 * math.sqrt(tail * (1 - tail) / n)
+    z.sort()
+    cdf = 0.5 * np.vectorize(math.erfc)(-z / math.sqrt(2))
+    grid = np.arange(1, n + 1) / n
+    assert max(np.max(grid - cdf), np.max(cdf - (grid - 1 / n))) < 1.63 / math.sqrt(n)

@@ -5,9 +5,10 @@ Model code touches arrays only through ``backend.xp`` operations that NumPy, CuP
 standard share, plus the few methods here for the operations they spell differently (matmul into a
 preallocated buffer, host <-> device copies).
 
-Random numbers are always drawn on the host with NumPy's PCG64 and copied into device buffers: the
-copy is tiny (B x Z noise per step), the stream is identical on every backend, and its state is a
-JSON-serializable dict that a checkpoint can carry -- so a run resumes exactly on either backend.
+Random numbers are always drawn on the host from NumPy's PCG64 (the noise as its uniforms, turned into
+normals by :mod:`kernels.noise`) and copied into device buffers: the copy is tiny (B x Z noise per step),
+the stream is identical on every backend, and its state is a JSON-serializable dict that a checkpoint
+can carry -- so a run resumes exactly on either backend.
 """
 
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import kernels
+import kernels.noise
 
 from .errors import VaecoreError, reason
 
@@ -30,6 +32,7 @@ class Backend:
     device: object = None         # only for array_api_strict: where arrays are placed
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     _staging: dict = field(default_factory=dict, repr=False)   # device uint8 buffers by batch shape
+    _uniforms: dict = field(default_factory=dict, repr=False)  # host float32 uniforms by noise size
 
     def __post_init__(self):
         if self.dtype is None:
@@ -76,15 +79,25 @@ class Backend:
         self.kernels.matmul(a, b, out)
 
     def normal_into(self, out, host_buffer, rng=None):
-        """Fills ``out`` with N(0, 1) noise drawn on the host (into ``host_buffer``, same shape).
+        """Fills ``out`` with N(0, 1) noise drawn on the host (into ``host_buffer``, same shape, except on
+        NumPy): the generator's float32 uniforms through the Box-Muller transform (:mod:`kernels.noise`;
+        5x faster than its ``standard_normal``), into a buffer made once per size.
 
         ``rng`` defaults to the backend's own stream, the one checkpoints save.
         """
         rng = rng or self.rng
-        if self.name == "numpy":
-            rng.standard_normal(dtype=out.dtype, out=out)
+        target = out if self.name == "numpy" else host_buffer
+        uniforms = self._uniforms.get(target.size)
+        if uniforms is None:
+            uniforms = self._uniforms[target.size] = np.empty(kernels.noise.uniform_count(target.size), np.float32)
+        rng.random(dtype=np.float32, out=uniforms)
+        if target.dtype == np.float32:
+            from kernels.cpu import normal_from_uniform_cpu    # Numba's, imported on first use
+
+            normal_from_uniform_cpu(uniforms, target)
         else:
-            rng.standard_normal(dtype=host_buffer.dtype, out=host_buffer)
+            kernels.noise.normal_from_uniform_reference(uniforms, target)
+        if target is not out:
             self.copy_from_host(out, host_buffer)
 
     def images_into(self, out, host_uint8):
