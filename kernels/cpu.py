@@ -1003,12 +1003,57 @@ def _rows_adam(xt, e, two_blocks, W, M, V, lo, hi, adam):
     return total
 
 
+@njit(**_JIT_ADAM)
+def _rows_adam_dx(xt, e, two_blocks, W, M, V, dx, lo, hi, adam):
+    """``_rows_adam`` that also writes column i of ``dx`` (``dx.shape[0]`` rows of delta @ W.T) from the
+    weights it reads for the update, before updating them: the dot products cost the update no load.
+    Against their own pass over W first (``_dots``), a seed-b4 step 1.044x faster (one process, in turn,
+    24 of 24 alternations). The sums are reassociated as LLVM vectorises them, not as ``_dots`` adds."""
+    b1, b2, m_scale, v_scale, lr_t, root, eps32, wd = adam
+    total = 0.0
+    for i in range(lo, hi):
+        acc = _f(0.0)
+        if two_blocks:
+            a0, a1, a2, a3 = xt[i, 0], xt[i, 1], xt[i, 2], xt[i, 3]
+            a4, a5, a6, a7 = xt[i, 4], xt[i, 5], xt[i, 6], xt[i, 7]
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = _f(0.0)
+            for j in range(W.shape[1]):
+                w = W[i, j]
+                f0, f1, f2, f3 = e[0, j], e[1, j], e[2, j], e[3, j]
+                f4, f5, f6, f7 = e[4, j], e[5, j], e[6, j], e[7, j]
+                s0, s1, s2, s3 = _radd(s0, f0 * w), _radd(s1, f1 * w), _radd(s2, f2 * w), _radd(s3, f3 * w)
+                s4, s5, s6, s7 = _radd(s4, f4 * w), _radd(s5, f5 * w), _radd(s6, f6 * w), _radd(s7, f7 * w)
+                g = (a0 * f0 + a1 * f1 + a2 * f2 + a3 * f3) + (a4 * f4 + a5 * f5 + a6 * f6 + a7 * f7)
+                acc = _radd(acc, g * g)
+                p_j, M[i, j], V[i, j] = _adam_element(w, M[i, j], V[i, j], g, b1, b2, m_scale, v_scale, lr_t, root,
+                                                      eps32, wd)
+                W[i, j] = p_j
+            sums = (s0, s1, s2, s3, s4, s5, s6, s7)
+        else:
+            a0, a1, a2, a3 = xt[i, 0], xt[i, 1], xt[i, 2], xt[i, 3]
+            s0 = s1 = s2 = s3 = _f(0.0)
+            for j in range(W.shape[1]):
+                w = W[i, j]
+                f0, f1, f2, f3 = e[0, j], e[1, j], e[2, j], e[3, j]
+                s0, s1, s2, s3 = _radd(s0, f0 * w), _radd(s1, f1 * w), _radd(s2, f2 * w), _radd(s3, f3 * w)
+                g = a0 * f0 + a1 * f1 + a2 * f2 + a3 * f3
+                acc = _radd(acc, g * g)
+                p_j, M[i, j], V[i, j] = _adam_element(w, M[i, j], V[i, j], g, b1, b2, m_scale, v_scale, lr_t, root,
+                                                      eps32, wd)
+                W[i, j] = p_j
+            sums = (s0, s1, s2, s3, s0, s1, s2, s3)        # one block: rows 4-7 are never stored
+        for r in range(dx.shape[0]):
+            dx[r, i] = sums[r]
+        total += acc
+    return total
+
+
 @njit(**_JIT_PARALLEL)
 def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2, step_size,
                          root_corr, eps, decay):
-    """Chunk c writes its columns of dx (from W as it was; no dx when it has no rows), then updates rows
-    c/_CHUNKS of W from their gradient, never stored (``_rows_adam``), while those rows are in its core's
-    cache -- and the last chunk the bias, whose gradient is in ``grads``; returns the sum of squared
+    """Chunk c updates rows c/_CHUNKS of W from their gradient, never stored (``_rows_adam``), and writes
+    its columns of dx from W as it was, in the same pass (``_rows_adam_dx``; no dx when it has no rows)
+    -- and the last chunk the bias, whose gradient is in ``grads``; returns the sum of squared
     gradients. ``pads`` is scratch for delta and x transposed, padded to _REGISTER_ROWS rows. A chunk is
     the same whichever thread runs it.
 
@@ -1028,12 +1073,13 @@ def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, bet
     acc = 0.0
     for c in prange(_CHUNKS):
         lo, hi = c * n_in // _CHUNKS, (c + 1) * n_in // _CHUNKS
-        if dx.shape[0]:
-            _dots(d, W, dx, lo, hi)
         for i in range(lo, hi):
             for r in range(_REGISTER_ROWS):
                 xt[i, r] = x[r, i] if r < n_rows else _f(0.0)
-        acc += _rows_adam(xt, e, n_rows > 4, W, M, V, lo, hi, adam)
+        if dx.shape[0]:
+            acc += _rows_adam_dx(xt, e, n_rows > 4, W, M, V, dx, lo, hi, adam)
+        else:
+            acc += _rows_adam(xt, e, n_rows > 4, W, M, V, lo, hi, adam)
         if c == _CHUNKS - 1:
             acc += _adam_serial(params[end:end + n_out], grads[end:end + n_out], m[end:end + n_out],
                                 v[end:end + n_out], beta1, beta2, c1, c2, step_size, root_corr, eps, decay)
