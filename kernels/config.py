@@ -48,9 +48,12 @@ CPU_BLAS_SPLIT_THREADS = 2
 # one core reaches the other 2.5x slower in phases (benchmarks/RESULTS.md). example-b128 step, one
 # process, in turn with the split by columns then the bias and activation: 1.052-1.057 old/new in those
 # phases (new faster in 40 of 40 and 53 of 53 alternations), 1.000 outside them (7 alternations).
-# wide-b512 (its batch of 512 switched on for the test): 1.029 and 1.042 in those phases, but 0.972
-# outside them (new faster in 6 of 23): its partial products are 2 MB each, written and read again.
-CPU_FORWARD_PARTS_MAX_BATCH = 128
+# wide-b512 then: 1.029 and 1.042 in those phases, but 0.972 outside them (new faster in 6 of 23), its
+# partial products 2 MB each, written and read again. Since the first part's product goes straight into
+# the output, and the partial sums vectorise (both 2026-11-26), wide-b512 with its batch of 512 taken this
+# way against the old limit of 128: 1.004 / 1.007 outside the slow phases (9 of 14, 6 of 8 alternations)
+# and 1.060 / 1.070 in them (8 of 10, 14 of 16). Not measured above 512.
+CPU_FORWARD_PARTS_MAX_BATCH = 512
 # A thin layer -- a W of at most this many weights: the example network's heads (400x40) and decoder's
 # first layer (20x400), 8-16k -- goes its own way wherever products are split, because products over
 # 10 of W's rows or 20 of its columns are mostly each OpenBLAS call's fixed cost:

@@ -114,15 +114,16 @@ def test_split_gives_one_thread_blas_bits_of_each_part():
 
 
 @needs_split
-@pytest.mark.parametrize("n_in", [784, 20, 10])
-def test_forward_over_rows_of_w_gives_one_thread_blas_parts_added_in_order(n_in, monkeypatch):
-    """At a batch of 9 to 128, a layer's forward is one one-thread OpenBLAS product per part of W's
-    rows (10 rows: an empty first part), added in order, then the bias and activation."""
+@pytest.mark.parametrize("n_in,batch", [(784, 128), (20, 128), (10, 128), (784, config.CPU_FORWARD_PARTS_MAX_BATCH)])
+def test_forward_over_rows_of_w_gives_one_thread_blas_parts_added_in_order(n_in, batch, monkeypatch):
+    """At a batch of 9 to CPU_FORWARD_PARTS_MAX_BATCH, a layer's forward is one one-thread OpenBLAS
+    product per part of W's rows (10 rows: an empty first part), added in order, then the bias and
+    activation."""
     monkeypatch.setattr(config, "CPU_THIN_LAYER_MAX_WEIGHTS", 0)        # W's rows, however small W is
     rng = np.random.default_rng(11)
-    x, W = rng.standard_normal((128, n_in), np.float32), rng.standard_normal((n_in, 400), np.float32)
+    x, W = rng.standard_normal((batch, n_in), np.float32), rng.standard_normal((n_in, 400), np.float32)
     bias = rng.standard_normal(400, np.float32)
-    out = np.full((128, 400), np.nan, np.float32)
+    out = np.full((batch, 400), np.nan, np.float32)
     assert cpu._forward_way(x, W, out) not in (None, cpu._SMALL)
     cpu.linear_act_cpu(x, W, bias, "relu", out)
     n_parts = numba.get_num_threads()
