@@ -1202,11 +1202,11 @@ def _forward_way(x, W, out):
     rows, or the batch's for a thin layer: a batch above that and at most
     ``config.CPU_FORWARD_PARTS_MAX_BATCH``, products split); or None, the product and then the bias and
     activation."""
-    if not (type(x) is np.ndarray and x.ndim == 2 and 1 <= x.shape[0] <= config.CPU_FORWARD_PARTS_MAX_BATCH):
+    # one expression, as in _check_flat: this runs for every layer of every step
+    if not (type(x) is type(W) is type(out) is np.ndarray and x.dtype is W.dtype is out.dtype is _F32
+            and x.ndim == W.ndim == out.ndim == 2 and 1 <= x.shape[0] <= config.CPU_FORWARD_PARTS_MAX_BATCH
+            and x.flags.c_contiguous and W.flags.c_contiguous and out.flags.c_contiguous):
         return None
-    for a in (x, W, out):
-        if not (isinstance(a, np.ndarray) and a.ndim == 2 and a.dtype == _F32 and a.flags.c_contiguous):
-            return None
     if np.may_share_memory(out, x) or np.may_share_memory(out, W):
         return None
     if x.shape[0] <= config.CPU_SMALL_BATCH:
@@ -1221,9 +1221,10 @@ def linear_act_cpu(x, W, bias, activation, out):
     if way is None:
         return linear_act_composed(matmul_cpu, bias_act_cpu, x, W, bias, activation, out)
     (n_rows, n_in), n_out = x.shape, W.shape[1]
-    _check("W", W, (n_in, n_out))
+    for name, a, shape in (("W", W, (n_in, n_out)), ("out", out, (n_rows, n_out))):   # types: _forward_way
+        if a.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
     _check("bias", bias, (n_out,))
-    _check("out", out, (n_rows, n_out))
     if np.may_share_memory(out, bias):
         raise ValueError("out must not overlap bias")
     if way is _SMALL:
