@@ -1,7 +1,7 @@
 """Standard normal noise from uniform numbers, by the Box-Muller transform.
 
 The reparameterization's noise is drawn on the host for every backend (see ``vaecore.backend``). NumPy's
-``Generator.standard_normal`` (a float32 ziggurat, one number at a time) takes 7.6 ns a number on the
+``Generator.standard_normal`` (a float32 ziggurat, one number at a time) takes 7.5 ns a number on the
 project's machines -- 21 us of an example-b128 training step, 260 of a wide-b512 one, and most of an
 importance-sampled evaluation's noise -- while the same generator's float32 uniforms take 1.3 ns and the
 transform below, vectorised, well under that. PyTorch's CPU ``randn`` is a Box-Muller transform too.
