@@ -712,24 +712,26 @@ def bias_act_backward_cpu(dy, y, activation, dpre_out, dbias_out):
 # -- noise ----------------------------------------------------------------------------------------------
 
 
+@njit(inline="always", **_JIT)
+def _normal_pair(u0, u1):
+    r = np.sqrt(_f(-2.0) * _log_normal32(_f(1.0) - u0))
+    c, s = _cos_sin_turns(u1)
+    return r * c, r * s
+
+
 @njit(**_JIT)
 def _box_muller(u, out):
-    n_pairs = out.size // 2
-    for k in range(n_pairs):
-        r = np.sqrt(_f(-2.0) * _log_normal32(_f(1.0) - u[2 * k]))
-        c, s = _cos_sin_turns(u[2 * k + 1])
-        out[2 * k] = r * c
-        out[2 * k + 1] = r * s
+    for k in range(out.size // 2):
+        out[2 * k], out[2 * k + 1] = _normal_pair(u[2 * k], u[2 * k + 1])
     if out.size % 2:
-        r = np.sqrt(_f(-2.0) * _log_normal32(_f(1.0) - u[out.size - 1]))
-        c, s = _cos_sin_turns(u[out.size])
-        out[out.size - 1] = r * c
+        out[out.size - 1] = _normal_pair(u[out.size - 1], u[out.size])[0]
 
 
 def normal_from_uniform_cpu(u, out):
     """See :mod:`kernels.noise`; each number within 4 * 2**-24 * r of the float64 reference (2 ulp of r
     measured over a million pairs)."""
-    _check("out", out, out.shape)
+    shape = out.shape if isinstance(out, np.ndarray) else ()
+    _check("out", out, shape)
     _check("u", u, (uniform_count(out.size),))
     _box_muller(u, out.reshape(-1))
 
@@ -1295,17 +1297,17 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
         if _overlaps_any(dx_out, x, delta, params, grads, m, v):
             raise ValueError("dx_out must not overlap the other arguments")
     way = _fused_way(n_rows)
-    if (way is not None and way is not _SMALL and dx_out is not None
-            and n_in * n_out <= config.CPU_THIN_LAYER_MAX_WEIGHTS):
-        constants = _adam_constants(step, lr, beta1, beta2, eps, weight_decay, 1.0)
-        with way.one_thread:
-            return _layer_pair_adam(way.sgemm, x, delta, params, grads, m, v, offset, n_out, dx_out, *constants)
-    if way is None or (way is not _SMALL and not _split_fits(n_rows, n_in, n_out, dx_out is not None)):
+    split = way is not None and way is not _SMALL
+    pair = split and dx_out is not None and n_in * n_out <= config.CPU_THIN_LAYER_MAX_WEIGHTS
+    if way is None or (split and not pair and not _split_fits(n_rows, n_in, n_out, dx_out is not None)):
         return layer_backward_adam_composed(matmul_cpu, adam_step_cpu, x, delta, params, grads, m, v, block,
                                             dx_out, step, lr, beta1, beta2, eps, weight_decay)
-    # both kernels take at most 19 arguments: with exactly 20, Numba 0.68's dispatcher kept 200 bytes
+    # the kernels take at most 19 arguments: with exactly 20, Numba 0.68's dispatcher kept 200 bytes
     # per call (measured)
     constants = _adam_constants(step, lr, beta1, beta2, eps, weight_decay, 1.0)
+    if pair:
+        with way.one_thread:
+            return _layer_pair_adam(way.sgemm, x, delta, params, grads, m, v, offset, n_out, dx_out, *constants)
     dx = _NO_DX if dx_out is None else dx_out
     if way is _SMALL:
         pads = _scratch("padded rows", (_REGISTER_ROWS * (n_in + n_out),))

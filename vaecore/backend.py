@@ -92,7 +92,7 @@ class Backend:
             uniforms = self._uniforms[target.size] = np.empty(kernels.noise.uniform_count(target.size), np.float32)
         rng.random(dtype=np.float32, out=uniforms)
         if target.dtype == np.float32:
-            from kernels.cpu import normal_from_uniform_cpu    # Numba's, imported on first use
+            from kernels.cpu import normal_from_uniform_cpu    # here: importing vaecore loads no Numba
 
             normal_from_uniform_cpu(uniforms, target)
         else:
