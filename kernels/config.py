@@ -54,6 +54,14 @@ CPU_BLAS_SPLIT_THREADS = 2
 # way against the old limit of 128: 1.004 / 1.007 outside the slow phases (9 of 14, 6 of 8 alternations)
 # and 1.060 / 1.070 in them (8 of 10, 14 of 16). Not measured above 512.
 CPU_FORWARD_PARTS_MAX_BATCH = 512
+# Up to this batch, while products are split, a layer's data gradient d @ W.T is taken as W_q @ d.T
+# with both operands turned first (kernels/transpose.py): OpenBLAS packs a transposed operand slowly,
+# and at few columns that copy is much of the product. One core, SkylakeX kernels, a part of the
+# example decoder's last layer (128x784 by 784x200): 223 us as d @ W.T, 184 + 8 + 2 us turned. Batch
+# 192: 295 against 265 + 15 + 3; 256: 377 against 358 + 20 + 4; 512 (wide-b512): the step 0.985
+# (3 of 11 alternations). example-b128 step, one process, in turn: 1.018 and 1.031 (10 of 12, 4 of 4
+# alternations) outside the slow phases, 1.031 and 1.039 in them (8 of 8, 13 of 14).
+CPU_TRANSPOSED_DX_MAX_BATCH = 128
 # A thin layer -- a W of at most this many weights: the example network's heads (400x40) and decoder's
 # first layer (20x400), 8-16k -- goes its own way wherever products are split, because products over
 # 10 of W's rows or 20 of its columns are mostly each OpenBLAS call's fixed cost:

@@ -45,6 +45,7 @@ from .adam import layer_backward_adam_composed
 from .bias_act import ACTIVATIONS, activation_code, linear_act_composed
 from .likelihood import LOG_2PI
 from .noise import uniform_count
+from .transpose import transpose_into_columns
 
 # -- compile settings ---------------------------------------------------------------------------------
 # 'contract' lets LLVM fuse a*b+c into an FMA (one rounding instead of two); nothing else is relaxed:
@@ -1096,23 +1097,39 @@ _NO_DX = np.empty((0, 0), _F32)
 
 
 @njit(**_JIT_PARALLEL)
-def _layer_parts_adam(sgemm, n_parts, x, d, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2,
+def _layer_parts_adam(sgemm, scratch, x, d, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2,
                       step_size, root_corr, eps, decay):
-    """Part q owns rows q/n_parts of W. With the split's own one-thread OpenBLAS calls
-    (kernels/blas_pool.py) it computes their columns of dx = d @ W.T (none when dx has no rows) and their
-    rows of dW = x.T @ d, then updates them -- and the last part the bias -- while they are still in its
-    core's cache; returns the sum of squared gradients. No part reads what another writes, and elements
-    are updated as ``_adam_parallel`` updates them."""
-    n_in = x.shape[1]
+    """Part q (of ``scratch.shape[0]``) owns rows q/n_parts of W. With the split's own one-thread
+    OpenBLAS calls (kernels/blas_pool.py) it computes their columns of dx = d @ W.T (none when dx has no
+    rows) and their rows of dW = x.T @ d, then updates them -- and the last part the bias -- while they
+    are still in its core's cache; returns the sum of squared gradients. No part reads what another
+    writes, and elements are updated as ``_adam_parallel`` updates them.
+
+    Where ``scratch`` has room (``config.CPU_TRANSPOSED_DX_MAX_BATCH``), dx's columns come from
+    W_q @ d.T with neither operand transposed in OpenBLAS: the part turns d into its row of
+    ``scratch`` and the product back into dx (:mod:`kernels.transpose`). Each part turns all of d
+    itself: one part turning each half cost a second launch and reading the other core's half, 3% of
+    an example-b128 step in the machine's slow phases."""
+    n_parts, (n_rows, n_in) = scratch.shape[0], x.shape
     end = offset + n_in * n_out
     W = params[offset:end].reshape((n_in, n_out))
     dW = grads[offset:end].reshape((n_in, n_out))
+    turned = scratch.shape[1] > 0
     acc = 0.0
     for q in prange(n_parts):
-        if dx.shape[0]:
+        lo, hi = blas_pool._bound(q, n_in, n_parts), blas_pool._bound(q + 1, n_in, n_parts)
+        if dx.shape[0] and turned:
+            if hi > lo:
+                d_t = scratch[q, :n_out * n_rows].reshape((n_out, n_rows))
+                dx_t = scratch[q, n_out * n_rows:(n_out + hi - lo) * n_rows].reshape((hi - lo, n_rows))
+                transpose_into_columns(d, d_t, 0)
+                blas_pool._call_sgemm(sgemm, blas_pool._NO_TRANS, blas_pool._NO_TRANS, hi - lo, n_rows, n_out,
+                                      W.ctypes.data + 4 * lo * n_out, n_out, d_t.ctypes.data, n_rows,
+                                      dx_t.ctypes.data, n_rows)
+                transpose_into_columns(dx_t, dx, lo)
+        elif dx.shape[0]:
             blas_pool._run_part(sgemm, q, n_parts, False, d, 0, W, 1, dx)      # columns of dx = d @ W.T
         blas_pool._run_part(sgemm, q, n_parts, True, x, 1, d, 0, dW)           # rows of dW = x.T @ d
-        lo, hi = blas_pool._bound(q, n_in, n_parts), blas_pool._bound(q + 1, n_in, n_parts)
         first, last = offset + lo * n_out, offset + (hi + (q == n_parts - 1)) * n_out
         acc += _adam_serial(params[first:last], grads[first:last], m[first:last], v[first:last], beta1, beta2,
                             c1, c2, step_size, root_corr, eps, decay)
@@ -1312,9 +1329,11 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
     if way is _SMALL:
         pads = _scratch("padded rows", (_REGISTER_ROWS * (n_in + n_out),))
         return _pooled(_layer_backward_adam, x, delta, pads, params, grads, m, v, offset, n_out, dx, *constants)
+    n_parts = blas_pool.thread_count()
+    room = (n_in + n_out) * n_rows if dx_out is not None and n_rows <= config.CPU_TRANSPOSED_DX_MAX_BATCH else 0
     with way.one_thread:
-        return _layer_parts_adam(way.sgemm, blas_pool.thread_count(), x, delta, params, grads, m, v, offset,
-                                 n_out, dx, *constants)
+        return _layer_parts_adam(way.sgemm, _scratch("turned products", (n_parts, room)), x, delta, params, grads,
+                                 m, v, offset, n_out, dx, *constants)
 
 
 def matmul_cpu(a, b, out):

@@ -308,17 +308,34 @@ def _one_thread_blas(a, b, out):
         np.matmul(a, b, out=out)
 
 
+def _turned_parts(x, delta, W):
+    """dx as the split takes it at a batch of at most CPU_TRANSPOSED_DX_MAX_BATCH: part q's columns are
+    one-thread OpenBLAS's W_q @ delta.T, neither operand transposed, turned back."""
+    n_parts, n_in = numba.get_num_threads(), W.shape[0]
+    delta_t = np.ascontiguousarray(delta.T)
+    dx = np.empty((delta.shape[0], n_in), np.float32)
+    for q in range(n_parts):
+        lo, hi = blas_pool._bound(q, n_in, n_parts), blas_pool._bound(q + 1, n_in, n_parts)
+        part = np.empty((hi - lo, delta.shape[0]), np.float32)
+        _one_thread_blas(np.ascontiguousarray(W[lo:hi]), delta_t, part)
+        dx[:, lo:hi] = part.T
+    return dx
+
+
 @needs_split
 @pytest.mark.parametrize("n_in,n_out", [(784, 400), (400, 784), (400, 40), (20, 400), (3, 5)])
 @pytest.mark.parametrize("with_dx", [True, False])
-def test_layer_update_in_the_split_gives_the_plain_paths_bits(n_in, n_out, with_dx):
+@pytest.mark.parametrize("batch", [config.CPU_TRANSPOSED_DX_MAX_BATCH, config.CPU_TRANSPOSED_DX_MAX_BATCH + 16])
+def test_layer_update_in_the_split_gives_the_plain_paths_bits(n_in, n_out, with_dx, batch):
     """At a batch above CPU_SMALL_BATCH, kernels.cpu.layer_backward_adam_cpu runs each thread's column
     part of the data gradient, row part of the weight gradient and their update in one launch (or,
     for a layer the split would cut otherwise, the plain products): the bits of the split products
-    followed by adam_step_cpu, whichever OpenBLAS kernel runs. A thin layer with a data gradient
-    computes both products whole, each on one thread: one-thread OpenBLAS's bits."""
+    followed by adam_step_cpu, whichever OpenBLAS kernel runs. Up to CPU_TRANSPOSED_DX_MAX_BATCH, the
+    data gradient's parts are turned products (``_turned_parts``; the same bits as d @ W.T with
+    SkylakeX's kernels, not with Haswell's). A thin layer with a data gradient computes both products
+    whole, each on one thread: one-thread OpenBLAS's bits."""
     rng = np.random.default_rng(11)
-    batch, offset = 128, 3
+    offset = 3
     assert cpu.fuses_layer_adam_cpu(batch)
     n = offset + (n_in + 1) * n_out + 2
     state = [rng.standard_normal(n, np.float32), rng.standard_normal(n, np.float32),
@@ -326,7 +343,8 @@ def test_layer_update_in_the_split_gives_the_plain_paths_bits(n_in, n_out, with_
     x, delta = rng.standard_normal((batch, n_in), np.float32), rng.standard_normal((batch, n_out), np.float32)
     runs = []
     plain_matmul = cpu.matmul_cpu
-    if with_dx and n_in * n_out <= config.CPU_THIN_LAYER_MAX_WEIGHTS:
+    thin = n_in * n_out <= config.CPU_THIN_LAYER_MAX_WEIGHTS
+    if with_dx and thin:
         plain_matmul = _one_thread_blas          # a thin layer's products whole, side by side
     plain_kernels = partial(layer_backward_adam_composed, plain_matmul, cpu.adam_step_cpu)
     for kernel in (cpu.layer_backward_adam_cpu, plain_kernels):
@@ -337,6 +355,12 @@ def test_layer_update_in_the_split_gives_the_plain_paths_bits(n_in, n_out, with_
     (squares, fused, dx), (squares_plain, plain, dx_plain) = runs
     for a, b in zip(fused, plain):
         np.testing.assert_array_equal(a, b)
-    if with_dx:
+    turned = with_dx and not thin and batch <= config.CPU_TRANSPOSED_DX_MAX_BATCH and cpu._split_fits(
+        batch, n_in, n_out, True)
+    if turned:
+        W = state[0][offset:offset + n_in * n_out].reshape(n_in, n_out)
+        np.testing.assert_array_equal(dx, _turned_parts(x, delta, W))
+        np.testing.assert_allclose(dx, dx_plain, rtol=1e-5, atol=1e-4)
+    elif with_dx:
         np.testing.assert_array_equal(dx, dx_plain)
     assert squares == pytest.approx(squares_plain, rel=1e-6)
