@@ -1407,8 +1407,9 @@ class _SplitChoice:
     one. Timing the kernel calls alone missed it (their median stayed normal); what shows it is the
     wall time of a run of ``WINDOW`` calls, which includes everything done between them.
 
-    The faster way runs. After ``FIRST_RETRY`` windows the other is tried: one window to settle (the
-    first steps after a switch run 1.5x slow while caches refill), then one timed window, which must
+    At the start each way has one window to settle (the program's warm-up, then the switch) and one
+    timed. The faster way runs. After ``FIRST_RETRY`` windows the other is tried: one window to settle
+    (the first steps after a switch run 1.5x slow while caches refill), then one timed window, which must
     beat the last window of the way in use by ``MARGIN``. A trial twice as slow is cut short (next to
     a busy core one window of the wrong way took 0.5 s). Each lost trial doubles the wait, up to
     ``LAST_RETRY`` windows, so the choice follows the machine's load both ways. A window with a pause
@@ -1426,7 +1427,9 @@ class _SplitChoice:
         self.clock = clock
         self.seconds = [math.inf, math.inf]   # per call in the latest timed window: all threads, one
         self.way = 0                          # the way running now: 0 all threads, 1 one
-        self.phase = "timed-trial"            # "in use", "settling" or "timed-trial"
+        self.phase = "settling"               # "in use", "settling" or "timed-trial"; the first window
+        # is the program's warm-up (example-b128: 1,730 us a step against 1,230): timed, it handed the
+        # choice to one thread for the next 5 windows, a quarter of a 2 s benchmark
         self.calls, self.started, self.last = 0, 0.0, 0.0
         self.gap = self.wait = self.FIRST_RETRY
 
@@ -1460,7 +1463,7 @@ class _SplitChoice:
             return
         self.seconds[way] = per_call                  # a trial's timed window, or one cut short
         if self.seconds[other] == math.inf:           # the very first windows: time both ways
-            self.way = other
+            self.way, self.phase = other, "settling"
             return
         # one thread must win by MARGIN; all threads, the way for free cores, need only not lose
         margin = self.MARGIN if way == 1 else 0.0
