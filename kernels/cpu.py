@@ -44,6 +44,7 @@ from . import blas_pool, config
 from .adam import layer_backward_adam_composed
 from .bias_act import ACTIVATIONS, activation_code, linear_act_composed
 from .likelihood import LOG_2PI
+from .memory import empty_aligned
 from .noise import uniform_count
 from .transpose import transpose_into_columns
 
@@ -297,11 +298,11 @@ _SCRATCH = threading.local()
 
 def _scratch(kind, shape):
     """This thread's float32 buffer ``kind`` of ``shape``, made on first use (per thread, so that two
-    threads training two models never share one)."""
+    threads training two models never share one), on cache lines (kernels/memory.py)."""
     buffers = _SCRATCH.__dict__.setdefault(kind, {})
     buffer = buffers.get(shape)
     if buffer is None:
-        buffer = buffers[shape] = np.empty(shape, _F32)
+        buffer = buffers[shape] = empty_aligned(shape)
     return buffer
 
 

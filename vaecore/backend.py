@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import kernels
+import kernels.memory
 import kernels.noise
 
 from .errors import VaecoreError, reason
@@ -40,9 +41,13 @@ class Backend:
 
     # -- allocation -------------------------------------------------------------------------
     def empty(self, shape):
+        if self.name == "numpy":                      # on cache lines: see kernels/memory.py
+            return kernels.memory.empty_aligned(shape, self.dtype)
         return self.xp.empty(shape, dtype=self.dtype, **self._where())
 
     def zeros(self, shape):
+        if self.name == "numpy":
+            return kernels.memory.empty_aligned(shape, self.dtype, zero=True)
         return self.xp.zeros(shape, dtype=self.dtype, **self._where())
 
     def _where(self):
