@@ -60,7 +60,8 @@ CPU_FORWARD_PARTS_MAX_BATCH = 512
 # example decoder's last layer (128x784 by 784x200): 223 us as d @ W.T, 184 + 8 + 2 us turned. Batch
 # 192: 295 against 265 + 15 + 3; 256: 377 against 358 + 20 + 4; 512 (wide-b512): the step 0.985
 # (3 of 11 alternations). example-b128 step, one process, in turn: 1.018 and 1.031 (10 of 12, 4 of 4
-# alternations) outside the slow phases, 1.031 and 1.039 in them (8 of 8, 13 of 14).
+# alternations) outside the slow phases, 1.031 and 1.039 in them (8 of 8, 13 of 14); against this
+# limit at 0, 1.036 (19 of 20, outside them).
 CPU_TRANSPOSED_DX_MAX_BATCH = 128
 # A thin layer -- a W of at most this many weights: the example network's heads (400x40) and decoder's
 # first layer (20x400), 8-16k -- goes its own way wherever products are split, because products over
