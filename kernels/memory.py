@@ -4,9 +4,10 @@ Why: the CPU kernels split rows between threads by columns (each part of a split
 columns of dx, each thread converts its columns of the pixels), and the splits fall on multiples of 16
 float32s, 64 bytes. That keeps two threads off one cache line only when the row starts on one, and
 NumPy's buffers of more than 128 KB come from ``mmap`` 16 bytes past a page: the line at every row's
-edge between two threads' columns went back and forth between the cores. With the engine's buffers on
-64-byte lines, same process, in turn: example-b128 1.016 (15 of 16 alternations), seed-b4 1.040
-(15 of 15), wide-b512 1.034 (11 of 11).
+edge between two threads' columns went back and forth between the cores (two threads each taking half
+of a 128x400 array's columns: 27 us with the edge inside a line, 5 with it on one). With the engine's
+buffers on 64-byte lines, one process, a step object each way, in turn: example-b128 1.019 (14 of 16
+alternations), seed-b4 1.035 (9 of 11), wide-b512 1.031 (10 of 12).
 """
 
 import math
