@@ -98,8 +98,9 @@ def _radd(typingctx, acc, value):
 def _fma32(typingctx, a, b, c):
     """``a * b + c`` for float32 with one rounding (``llvm.fma``). Written out where an expression has two
     products, ``a * b + c * d``: with 'contract' LLVM may fuse either one, and code loaded from Numba's
-    cache fused the other than code compiled in the process (Adam's ``v``: 68k of 314k elements a bit
-    apart after one update), so a resumed run did not repeat the first one."""
+    cache had fused the other one than code compiled in the process (Adam's ``v``: 68k of 314k elements
+    a bit apart after one update), so a resumed run did not repeat the first one
+    (tests/test_cache_bits.py)."""
     if not (a == b == c == types.float32):
         return None
 
