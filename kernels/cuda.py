@@ -15,6 +15,10 @@ The maths, shapes and reference of each kernel are documented once, in its op mo
   block total into a one-element buffer with one atomic add, so the last digits of a sum may vary
   from run to run. That buffer and the 0-d result are the only per-call allocations (a few bytes from
   CuPy's memory pool).
+* The scalars that change from step to step -- the KL weight and Adam's step count -- may be given as
+  a one-element float64 device array instead of a number. The kernel reads the array when it runs, so
+  a step recorded once as a CUDA graph (:mod:`vaecore.cuda_graph`) replays with the values copied in
+  before each launch. A number is put into such an array first (one more pool allocation).
 * Grid-stride loops: the launch size comes from :mod:`kernels.config` at call time
   (``CUDA_THREADS_PER_BLOCK``, ``CUDA_MAX_BLOCKS``), so tests under the simulator shrink it to make
   the multi-block paths run on tiny inputs.
@@ -99,9 +103,10 @@ def _reparameterize_kl_kernel(stats, eps, z_out, total):
 
 @cuda.jit
 def _reparameterize_kl_backward_kernel(stats, eps, dz, kl_weight, dstats_out):
+    """``kl_weight``: a one-element float64 array."""
     n_rows, n_latent = eps.shape
-    w = float32(kl_weight)
-    half_w = float32(0.5 * kl_weight)
+    w = float32(kl_weight[0])
+    half_w = float32(0.5 * kl_weight[0])
     for k in range(cuda.grid(1), n_rows * n_latent, cuda.gridsize(1)):
         i = k // n_latent
         j = k - i * n_latent
@@ -172,8 +177,12 @@ def _sum_squares_kernel(a, total):
 
 
 @cuda.jit
-def _adam_kernel(params, grads, m, v, norm_buf, beta1, beta2, clip_norm, step_size, root_corr, eps, decay):
-    """``norm_buf[0]`` holds the sum of squares of ``grads``; writes the norm into ``norm_buf[1]``."""
+def _adam_kernel(params, grads, m, v, norm_buf, step, beta1, beta2, clip_norm, lr, eps, decay):
+    """``norm_buf[0]`` holds the sum of squares of ``grads``; writes the norm into ``norm_buf[1]``.
+    ``step``: a one-element float64 array, the step count t of the bias corrections."""
+    t = step[0]
+    step_size = lr / (1.0 - beta1 ** t)
+    root_corr = math.sqrt(1.0 - beta2 ** t)
     norm = math.sqrt(norm_buf[0])
     if cuda.grid(1) == 0:
         norm_buf[1] = norm
@@ -248,12 +257,12 @@ _A2 = "float32[:, ::1]"
 _F64 = "float64[::1]"
 KERNEL_SIGNATURES = {
     "_reparameterize_kl_kernel": f"void({_A2}, {_A2}, {_A2}, {_F64})",
-    "_reparameterize_kl_backward_kernel": f"void({_A2}, {_A2}, {_A2}, float64, {_A2})",
+    "_reparameterize_kl_backward_kernel": f"void({_A2}, {_A2}, {_A2}, {_F64}, {_A2})",
     "_bernoulli_nll_grad_kernel": f"void({_A2}, {_A2}, float64, {_A2}, {_F64})",
     "_gaussian_nll_grad_kernel": f"void({_A2}, {_A2}, float64, float64, float64, {_A2}, {_F64})",
     "_gaussian_learned_nll_grad_kernel": f"void({_A2}, {_A2}, float64, float64, {_A2}, {_F64})",
     "_sum_squares_kernel": f"void({_A1}, {_F64})",
-    "_adam_kernel": f"void({_A1}, {_A1}, {_A1}, {_A1}, {_F64}, float64, float64, float64, float64, float64, "
+    "_adam_kernel": f"void({_A1}, {_A1}, {_A1}, {_A1}, {_F64}, {_F64}, float64, float64, float64, float64, "
                     "float64, float64)",
     "_bias_act_kernel": f"void({_A2}, {_A1}, int64)",
     "_bias_act_backward_kernel": f"void({_A2}, {_A2}, int64, int64, {_A2}, {_A1})",
@@ -301,6 +310,18 @@ def _check2d(name, a):
     return a.shape
 
 
+def _device_scalar(name, value, xp):
+    """``value`` as the one-element float64 device array a kernel reads: a number is copied into a new
+    one; a device array (a recorded graph's per-step value) is checked and passed as it is."""
+    if not hasattr(value, "shape"):
+        return xp.full(1, value, dtype=xp.float64)
+    ok_type = isinstance(value, np.ndarray) if SIMULATOR else hasattr(value, "__cuda_array_interface__")
+    if not ok_type or value.dtype != np.float64 or value.size != 1 or not value.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a number or a one-element float64 device array, got "
+                         f"{type(value).__name__} of {getattr(value, 'dtype', '?')} and shape {value.shape}")
+    return value.reshape(1)
+
+
 def _run_sum(kernel, xp, n, *args):
     """Launches a reducing kernel over ``n`` elements; returns its 0-d float64 result."""
     total = xp.zeros(1, dtype=xp.float64)
@@ -325,10 +346,11 @@ def reparameterize_kl_backward_cuda(stats, eps, dz, kl_weight, dstats_out):
     _check("stats", stats, (n_rows, 2 * n_latent))
     _check("dz", dz, eps.shape)
     _check("dstats_out", dstats_out, stats.shape)
+    xp = array_namespace(stats)
+    weight = _device_scalar("kl_weight", kl_weight, xp)
     if n_rows * n_latent:
         blocks, tpb = _grid(n_rows * n_latent)
-        _reparameterize_kl_backward_kernel[blocks, tpb, _stream(array_namespace(stats))](
-            stats, eps, dz, float(kl_weight), dstats_out)
+        _reparameterize_kl_backward_kernel[blocks, tpb, _stream(xp)](stats, eps, dz, weight, dstats_out)
 
 
 def bernoulli_nll_grad_cuda(logits, x, grad_scale, dlogits_out):
@@ -364,13 +386,13 @@ def adam_step_cuda(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e
         _check(name, a, shape)
     xp = array_namespace(params)
     norm_buf = xp.zeros(2, dtype=xp.float64)              # [sum of squares, norm]
+    step = _device_scalar("step", step, xp)
     if params.size:
         stream = _stream(xp)
         blocks, tpb = _grid(params.size)
         _sum_squares_kernel[blocks, tpb, stream](grads, norm_buf)
-        _adam_kernel[blocks, tpb, stream](
-            params, grads, m, v, norm_buf, float(beta1), float(beta2), float(clip_norm),
-            lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), float(eps), lr * weight_decay)
+        _adam_kernel[blocks, tpb, stream](params, grads, m, v, norm_buf, step, float(beta1), float(beta2),
+                                          float(clip_norm), float(lr), float(eps), lr * weight_decay)
     return norm_buf[1:].reshape(())
 
 
@@ -391,9 +413,29 @@ def pixels_cuda(src, out):
     array_namespace(out).multiply(src, np.float32(1.0 / 255.0), out=out)
 
 
+_cublas_unavailable = None      # why kernels.cublas cannot be used here, once found out
+
+
+def _cublas():
+    """This device's cuBLAS handle (:mod:`kernels.cublas`), or None where it cannot be made."""
+    global _cublas_unavailable
+    if SIMULATOR or _cublas_unavailable is not None:
+        return None
+    from . import cublas
+
+    try:
+        return cublas.for_current_device()
+    except cublas.Unavailable as e:
+        _cublas_unavailable = str(e)
+        return None
+
+
 def matmul_cuda(a, b, out):
-    """cuBLAS through CuPy (NumPy's matmul under the simulator)."""
-    array_namespace(out).matmul(a, b, out=out)
+    """cuBLAS through its C API (:mod:`kernels.cublas`, which a recorded CUDA graph can hold); CuPy's
+    matmul for layouts it does not take or where it cannot be loaded (NumPy's under the simulator)."""
+    blas = _cublas()
+    if blas is None or not blas.matmul(a, b, out):
+        array_namespace(out).matmul(a, b, out=out)
 
 
 def bias_act_cuda(h, bias, activation):

@@ -212,6 +212,34 @@ def test_adam_step(dev, rng, weight_decay, clip_norm):
             np.testing.assert_allclose(dev.get(a), b, rtol=RTOL, atol=1e-7)
 
 
+def test_per_step_scalars_read_from_device_arrays_give_the_same_bits(dev, rng):
+    """A recorded graph passes the KL weight and Adam's step count as one-element float64 device arrays,
+    read when the kernel runs; the results are those of the same numbers passed directly."""
+    n_rows, n_latent = 5, 3
+    stats = f32(rng, (n_rows, 2 * n_latent))
+    eps, dz = f32(rng, (n_rows, n_latent)), f32(rng, (n_rows, n_latent), 0.1)
+    by_number, by_array = (dev.put(np.full_like(stats, np.nan)) for _ in range(2))
+    dev.k.reparameterize_kl_backward_cuda(dev.put(stats), dev.put(eps), dev.put(dz), 0.37, by_number)
+    knobs = dev.put(np.array([3.0, 0.37]))
+    dev.k.reparameterize_kl_backward_cuda(dev.put(stats), dev.put(eps), dev.put(dz), knobs[1:2], by_array)
+    np.testing.assert_array_equal(dev.get(by_array), dev.get(by_number))
+
+    n = 37
+    start = [f32(rng, n), f32(rng, n, 0.1) ** 2, f32(rng, n, 0.1) ** 2]
+    grads = dev.put(f32(rng, n))
+    number, array = [dev.put(a) for a in start], [dev.put(a) for a in start]
+    norm_number = dev.k.adam_step_cuda(*number[:1], grads, *number[1:], 3, 1e-2, clip_norm=1.0)
+    norm_array = dev.k.adam_step_cuda(*array[:1], grads, *array[1:], knobs[0:1], 1e-2, clip_norm=1.0)
+    assert float(norm_array) == float(norm_number)
+    for a, b in zip(array, number):
+        np.testing.assert_array_equal(dev.get(a), dev.get(b))
+    with pytest.raises(ValueError, match="step: expected a number or a one-element float64"):
+        dev.k.adam_step_cuda(*array[:1], grads, *array[1:], knobs, 1e-2)
+    with pytest.raises(ValueError, match="kl_weight: expected a number or a one-element float64"):
+        dev.k.reparameterize_kl_backward_cuda(dev.put(stats), dev.put(eps), dev.put(dz), dev.put(eps[0, :1]),
+                                              by_array)
+
+
 def test_pixels(dev, rng):
     src = rng.integers(0, 256, (5, 37), dtype=np.uint8)
     src[0, :2] = 0, 255
@@ -308,8 +336,11 @@ def test_wrong_arrays_are_rejected(dev):
 
 
 def test_matmul_in_the_engine_layouts(dev, rng):
-    """cuBLAS (NumPy under the simulator) into the preallocated buffer, transposed views included."""
-    for batch, n_in, n_out in [(3, 5, 7)] + ([] if dev.simulated else [(128, 784, 400)]):
+    """cuBLAS through its C API (NumPy under the simulator) into the preallocated buffer, transposed views
+    included; on a GPU the handle must load (else CuPy's matmul would run, which no graph can hold)."""
+    if not dev.simulated:
+        assert dev.k._cublas() is not None, dev.k._cublas_unavailable
+    for batch, n_in, n_out in [(3, 5, 7), (1, 1, 1), (3, 0, 4)] + ([] if dev.simulated else [(128, 784, 400)]):
         x, w, d = f32(rng, (batch, n_in)), f32(rng, (n_in, n_out)), f32(rng, (batch, n_out))
         for a, b in ((x, w), (x.T, d), (d, w.T)):
             a_dev = dev.put(np.ascontiguousarray(a.T)).T if a.flags.f_contiguous and not a.flags.c_contiguous \

@@ -126,8 +126,9 @@ class Backend:
             kernels.cpu.warm_up()
 
     def synchronize(self):
+        """Waits for all queued device work, on every stream (a graphed step runs on its own)."""
         if self.name == "cupy":
-            self.xp.cuda.get_current_stream().synchronize()
+            self.xp.cuda.Device().synchronize()
 
     def describe(self):
         dtype = getattr(self.dtype, "__name__", None) or str(self.dtype).rsplit(".", 1)[-1]
@@ -152,11 +153,14 @@ def cupy_status():
 
 
 def _probe_cuda_kernels(table, cupy):
-    """Compiles and launches one CUDA kernel now. A Numba CUDA target that cannot compile here fails
-    only at a kernel's first launch, deep inside the first training step: numba-cuda 0.30.4 with NumPy
-    2.5 (which dropped ``np.row_stack``) did so on an H200 machine."""
+    """Compiles and launches one CUDA kernel and one matrix product now. A Numba CUDA target that cannot
+    compile here fails only at a kernel's first launch, deep inside the first training step:
+    numba-cuda 0.30.4 with NumPy 2.5 (which dropped ``np.row_stack``) did so on an H200 machine. The
+    product makes the cuBLAS handle, outside any graph's memory pool."""
     try:
-        table.bias_act(cupy.zeros((1, 1), cupy.float32), cupy.zeros(1, cupy.float32), "relu")
+        one = cupy.zeros((1, 1), cupy.float32)
+        table.bias_act(one, cupy.zeros(1, cupy.float32), "relu")
+        table.matmul(one, one, cupy.empty((1, 1), cupy.float32))
         cupy.cuda.get_current_stream().synchronize()
     except Exception as e:
         from importlib.metadata import PackageNotFoundError, version

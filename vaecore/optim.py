@@ -28,11 +28,16 @@ class Adam:
             return None
         return LayerUpdates(self, params, grads, blocks)
 
-    def step(self, params, grads, blocks=None):
+    def step(self, params, grads, blocks=None, count=None):
         """Updates ``params`` in place; returns the gradient norm before clipping. ``blocks``, the
-        model's ``param_blocks``, only tells the CPU kernel how to share the work among threads."""
-        self.t += 1
-        return self.backend.kernels.adam_step(params, grads, self.m, self.v, self.t, self.lr, self.beta1,
+        model's ``param_blocks``, only tells the CPU kernel how to share the work among threads.
+
+        ``count``: where the step count comes from. None advances ``t`` and passes it; a recorded CUDA
+        graph passes a device array that it fills with ``t`` before each replay (and advances ``t``)."""
+        if count is None:
+            self.t += 1
+            count = self.t
+        return self.backend.kernels.adam_step(params, grads, self.m, self.v, count, self.lr, self.beta1,
                                               self.beta2, self.eps, self.weight_decay, self.clip_norm, blocks)
 
 

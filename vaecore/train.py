@@ -17,6 +17,7 @@ import numpy as np
 from . import checkpoint, images, inference
 from .binarize import TEST_SEED, DynamicBinarizer, binarize_fixed
 from .config import ModelConfig, TrainConfig
+from .cuda_graph import GraphedStep
 from .errors import VaecoreError
 from .fileio import atomic_write_text
 from .checkpoint import EpochState
@@ -71,7 +72,7 @@ class RunPaths:
 class Trainer:
     """Owns the model, its optimizer and the host-side batch buffers for one data set."""
 
-    def __init__(self, model: VAE, optimizer: Adam, config: TrainConfig, x_train, x_val):
+    def __init__(self, model: VAE, optimizer: Adam, config: TrainConfig, x_train, x_val, cuda_graphs=True):
         self.model, self.optimizer, self.config = model, optimizer, config
         self.backend = model.backend
         self.x_train = x_train.reshape(len(x_train), -1)     # uint8 (N, D), stays on the host
@@ -82,6 +83,10 @@ class Trainer:
         self.objective = ImportanceWeightedObjective(model, config.iw_samples) if config.iw_samples > 1 else None
         # each layer updated inside the backward pass where the kernels fuse that (None with clipping)
         self._layer_updates = optimizer.layer_updates(model.params, model.grads, model.param_blocks)
+        # on a GPU, the ELBO step recorded once per batch size as a CUDA graph (see cuda_graph.py)
+        self.graphed_step = None
+        if cuda_graphs and self.backend.name == "cupy" and self.backend.kernels.name == "cuda" and not self.objective:
+            self.graphed_step = GraphedStep(model, optimizer)
         if len(self.x_train) < config.batch_size:
             raise VaecoreError(f"the training set has {len(self.x_train)} images, fewer than one batch "
                                f"of {config.batch_size}; lower --batch-size or raise --limit")
@@ -102,6 +107,8 @@ class Trainer:
         model, backend = self.model, self.backend
         scale = 1.0 / len(batch)                     # the loss is the mean over the batch
         ws = (self.objective or model).workspace(len(batch))
+        if self.graphed_step is not None:
+            return self.graphed_step(ws, batch, scale, kl_weight)
         backend.images_into(ws.x, batch)
         backend.normal_into(ws.eps, ws.eps_host)
         if self.objective is not None:

@@ -15,23 +15,25 @@ from ..train import Trainer
 from .configs import BETA1, BETA2, LR, BenchConfig, fixed_images
 
 
-def make_trainer(config: BenchConfig, x_train, x_val=None, backend="numpy", seed=0):
+def make_trainer(config: BenchConfig, x_train, x_val=None, backend="numpy", seed=0, cuda_graphs=True):
     """A :class:`~vaecore.train.Trainer` of ``config``'s network (Adam as in every implementation) over
-    uint8 images, on a fresh backend (``VaecoreError`` when cupy has no device)."""
+    uint8 images, on a fresh backend (``VaecoreError`` when cupy has no device). ``cuda_graphs=False``
+    launches the CuPy step's kernels one by one (to compare)."""
     backend = make_backend(backend, seed=seed) if isinstance(backend, str) else backend
     model = VAE(config.model_config(), backend, init_seed=seed)
     optimizer = Adam(backend, model.n_params, lr=LR, beta1=BETA1, beta2=BETA2)
     train_config = TrainConfig(batch_size=config.batch, lr=LR, beta1=BETA1, beta2=BETA2, seed=seed)
-    return Trainer(model, optimizer, train_config, x_train, x_train if x_val is None else x_val)
+    return Trainer(model, optimizer, train_config, x_train, x_train if x_val is None else x_val,
+                   cuda_graphs=cuda_graphs)
 
 
 class OurStep:
     """``step()`` runs one full training step on a fixed uint8 batch and waits for the device."""
 
-    def __init__(self, config: BenchConfig, backend="numpy", seed=0, images=None):
+    def __init__(self, config: BenchConfig, backend="numpy", seed=0, images=None, cuda_graphs=True):
         self.config = config
         self.images = fixed_images(config, seed) if images is None else np.ascontiguousarray(images, np.uint8)
-        self.trainer = make_trainer(config, self.images, backend=backend, seed=seed)
+        self.trainer = make_trainer(config, self.images, backend=backend, seed=seed, cuda_graphs=cuda_graphs)
         self.backend, self.model, self.optimizer = self.trainer.backend, self.trainer.model, self.trainer.optimizer
         self.name = f"ours-{self.backend.name}"
         self._batch = self.trainer.x_train                   # (B, D) uint8 on the host, like a gathered batch
@@ -44,7 +46,8 @@ class OurStep:
     __call__ = step
 
     def describe(self):
-        return f"vaecore {self.backend.describe()}"
+        graphed = ", the step as one CUDA graph" if self.trainer.graphed_step is not None else ""
+        return f"vaecore {self.backend.describe()}{graphed}"
 
 
 def threads_note():
