@@ -13,8 +13,9 @@ CUDA_THREADS_PER_BLOCK = 256
 # Upper bound on blocks per launch; grid-stride loops cover the rest. 1024 x 256 threads keep an H100's
 # 132 SMs full while limiting a reduction to 1024 atomic adds.
 CUDA_MAX_BLOCKS = 1024
-# Rows of the batch that one thread folds into a bias-gradient column before its atomic add.
-CUDA_BIAS_ROWS_PER_THREAD = 32
+# Rows of the batch that one thread folds into a bias-gradient column before its atomic add. Few, so a
+# batch of 128 makes 64 blocks of a 400-wide layer rather than 8 (each thread's loads are serial).
+CUDA_BIAS_ROWS_PER_THREAD = 4
 
 # -- CPU matmuls and threading ---------------------------------------------------------------------
 # A matmul whose batch side has at most this many rows runs in the small-batch kernels of

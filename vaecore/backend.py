@@ -108,15 +108,19 @@ class Backend:
     def images_into(self, out, host_uint8):
         """``out[...] = host_uint8 / 255`` as float on the device (the table's ``pixels``); only uint8
         crosses to it, through a staging buffer made once per batch shape."""
+        self.kernels.pixels(self.stage_images(host_uint8), out)
+
+    def stage_images(self, host_uint8):
+        """The uint8 images on the device: copied into the staging buffer of their shape (the same array
+        for every batch of that shape), or the host array itself on NumPy."""
         if self.name == "numpy":
-            self.kernels.pixels(host_uint8, out)
-            return
+            return host_uint8
         staging = self._staging.get(host_uint8.shape)
         if staging is None:
             staging = self._staging[host_uint8.shape] = self.xp.empty(host_uint8.shape, dtype=self.xp.uint8,
                                                                        **self._where())
         self.copy_from_host(staging, host_uint8)
-        self.kernels.pixels(staging, out)
+        return staging
 
     def warm_up(self):
         """Compiles the CPU kernels, or loads them from Numba's disk cache (seconds the first time)."""

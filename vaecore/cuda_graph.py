@@ -9,9 +9,9 @@ How a step runs (:meth:`GraphedStep.__call__`):
 
 * On a stream of its own, after the work already queued on the caller's stream; the caller's stream then
   waits for it, so whatever reads the results or the weights afterwards sees them.
-* The batch and the noise are copied into the workspace as on every backend. Adam's step count and the
-  KL weight, the only scalars that change between steps, are copied into ``knobs``, a device array the
-  kernels read when they run (see :mod:`kernels.cuda`).
+* The batch is copied into its staging buffer (its conversion to float is in the graph) and the noise
+  into the workspace. Adam's step count and the KL weight, the only scalars that change between steps,
+  are copied into ``knobs``, a device array the kernels read when they run (see :mod:`kernels.cuda`).
 * The first step at a batch size runs eagerly under a memory pool of its own: it compiles what needs
   compiling and leaves that pool holding a block for every allocation the step makes. The second step
   is recorded under the same pool (``Stream.begin_capture``) and launched; later steps only launch.
@@ -53,40 +53,41 @@ class GraphedStep:
         caller.record(self._queued)
         self.stream.wait_event(self._queued)
         with self.stream:
-            backend.images_into(ws.x, batch)
+            images = backend.stage_images(batch)
             backend.normal_into(ws.eps, ws.eps_host)
             optimizer.t += 1
             self._knobs_host[0], self._knobs_host[1] = optimizer.t, kl_weight
             self._knobs.set(self._knobs_host)
-            results = self._run(ws, scale)
+            results = self._run(ws, images, scale)
             self.stream.record(self._done)
         caller.wait_event(self._done)
         return results
 
-    def _step(self, ws, scale):
+    def _step(self, ws, images, scale):
         """The step's device work; the scalars that change between steps come from ``knobs``."""
         model = self.model
+        model.backend.kernels.pixels(images, ws.x)
         rec, kl = model.loss(ws, grad_scale=scale)
         model.backward(ws, kl_weight=self._knobs[1:2], grad_scale=scale)
         norm = self.optimizer.step(model.params, model.grads, model.param_blocks, count=self._knobs[0:1])
         return rec, kl, norm
 
-    def _run(self, ws, scale):
+    def _run(self, ws, images, scale):
         if self.disabled is not None:
-            return self._step(ws, scale)
+            return self._step(ws, images, scale)
         recording = self._recorded.get(ws.batch_size)
         if recording is None:                      # the first step at this size: eager, filling the pool
             recording = self._recorded[ws.batch_size] = _Recording(self._cupy.cuda.MemoryPool())
             with self._cupy.cuda.using_allocator(recording.pool.malloc):
-                return self._step(ws, scale)
+                return self._step(ws, images, scale)
         if recording.graph is None:
             try:
-                recording.record(self._cupy, self.stream, lambda: self._step(ws, scale))
+                recording.record(self._cupy, self.stream, lambda: self._step(ws, images, scale))
             except Exception as e:                 # an unrecordable call somewhere in the step
                 self.disabled = f"{type(e).__name__}: {reason(e)}"
                 warnings.warn(f"CUDA graphs are off, each step launches its kernels one by one: recording "
                               f"the step failed ({self.disabled})", RuntimeWarning, stacklevel=3)
-                return self._step(ws, scale)
+                return self._step(ws, images, scale)
         recording.graph.launch(self.stream)
         return recording.results
 
