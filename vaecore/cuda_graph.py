@@ -16,7 +16,8 @@ How a step runs (:meth:`GraphedStep.__call__`):
   compiling and leaves that pool holding a block for every allocation the step makes. The second step
   is recorded under the same pool (``Stream.begin_capture``) and launched; later steps only launch.
   Nothing else allocates from that pool, so the blocks the graph writes stay its own while it lives,
-  and a warm step allocates nothing.
+  and a warm step allocates nothing. The matrix products can be recorded because they call cuBLAS
+  directly (:mod:`kernels.cublas`): CuPy's matmul refuses to run while a stream records.
 * The sums and the gradient norm returned are the graph's own 0-d arrays, which the next launch
   overwrites: read them before the next step (the trainer does, every step).
 
