@@ -11,6 +11,7 @@ import os
 import platform
 import signal
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -631,12 +632,20 @@ COMMANDS = {"train": cmd_train, "predict": cmd_predict, "sample": cmd_sample, "e
             "bench": cmd_bench, "data": cmd_data}
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    """A warning shown as the errors are: one line on stderr, without the source line that raised it
+    (a GPU step that could not be recorded as a CUDA graph, say)."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None):
     from vaecore.errors import VaecoreError
 
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            COMMANDS[args.command](args)
     except VaecoreError as e:
         code = getattr(e, "exit_code", 1)
         print(str(e) if code > 128 else f"error: {e}", file=sys.stderr)

@@ -182,6 +182,14 @@ def test_bad_input_is_one_line_and_nonzero(args, code, message):
     assert "Traceback" not in result.stderr
 
 
+def test_a_warning_is_one_line(monkeypatch, capsys):
+    import warnings
+
+    monkeypatch.setitem(cli.COMMANDS, "info", lambda args: warnings.warn("CUDA graphs are off", RuntimeWarning))
+    assert cli.main(["info"]) == 0
+    assert capsys.readouterr().err == "warning: CUDA graphs are off\n"
+
+
 def test_predict_on_a_text_file_is_one_line(trained, tmp_path):
     (tmp_path / "notes.png").write_text("not a picture")
     result = run_cli("predict", str(tmp_path / "notes.png"), "--checkpoint", str(trained / "model.npz"),
