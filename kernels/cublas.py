@@ -128,7 +128,10 @@ _handles = {}
 
 
 def for_current_device():
-    """The current device's :class:`Cublas`, made on first use; raises :class:`Unavailable`."""
+    """The current device's :class:`Cublas`, made on first use; raises :class:`Unavailable`.
+
+    One per device and process, so that its workspace outlives every graph that recorded it. The engine
+    drives the GPU from one thread; two threads running products at once would share that workspace."""
     import cupy
 
     device = cupy.cuda.runtime.getDevice()
