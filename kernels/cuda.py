@@ -26,6 +26,7 @@ The maths, shapes and reference of each kernel are documented once, in its op mo
 
 import math
 import os
+import warnings
 
 import numpy as np
 from numba import cuda, float32, float64
@@ -294,9 +295,13 @@ def _grid(n):
     return max(1, min(config.CUDA_MAX_BLOCKS, -(-n // tpb))), tpb
 
 
+def _on_device(a):
+    """Whether ``a`` is an array these kernels can take: a device array (NumPy's under the simulator)."""
+    return isinstance(a, np.ndarray) if SIMULATOR else hasattr(a, "__cuda_array_interface__")
+
+
 def _check(name, a, shape):
-    ok_type = isinstance(a, np.ndarray) if SIMULATOR else hasattr(a, "__cuda_array_interface__")
-    if not ok_type or a.dtype != np.float32 or not a.flags.c_contiguous:
+    if not _on_device(a) or a.dtype != np.float32 or not a.flags.c_contiguous:
         where = "NumPy (CUDA simulator)" if SIMULATOR else "CuPy"
         layout = "" if not hasattr(a, "flags") or a.flags.c_contiguous else " (not C-contiguous)"
         raise ValueError(f"{name}: the cuda kernels need a C-contiguous float32 {where} array, got "
@@ -315,8 +320,7 @@ def _device_scalar(name, value, xp):
     one; a device array (a recorded graph's per-step value) is checked and passed as it is."""
     if not hasattr(value, "shape"):
         return xp.full(1, value, dtype=xp.float64)
-    ok_type = isinstance(value, np.ndarray) if SIMULATOR else hasattr(value, "__cuda_array_interface__")
-    if not ok_type or value.dtype != np.float64 or value.size != 1 or not value.flags.c_contiguous:
+    if not _on_device(value) or value.dtype != np.float64 or value.size != 1 or not value.flags.c_contiguous:
         raise ValueError(f"{name}: expected a number or a one-element float64 device array, got "
                          f"{type(value).__name__} of {getattr(value, 'dtype', '?')} and shape {value.shape}")
     return value.reshape(1)
@@ -417,7 +421,8 @@ _cublas_unavailable = None      # why kernels.cublas cannot be used here, once f
 
 
 def _cublas():
-    """This device's cuBLAS handle (:mod:`kernels.cublas`), or None where it cannot be made."""
+    """This device's cuBLAS handle (:mod:`kernels.cublas`), or None where it cannot be made: then a
+    warning says why, once, since no training step can be recorded as a CUDA graph without it."""
     global _cublas_unavailable
     if SIMULATOR or _cublas_unavailable is not None:
         return None
@@ -427,6 +432,8 @@ def _cublas():
         return cublas.for_current_device()
     except cublas.Unavailable as e:
         _cublas_unavailable = str(e)
+        warnings.warn(f"matrix products go through CuPy's matmul, which a CUDA graph cannot record: {e}",
+                      RuntimeWarning, stacklevel=3)
         return None
 
 
