@@ -99,10 +99,10 @@ def test_step(benchmark, config, impl):
     except Unavailable as e:
         pytest.skip(f"{impl}: {e}")
     benchmark.group = config
-    benchmark.extra_info.update(config=config, impl=impl, implementation=step.describe(),
-                                matmul_flops=step_matmul_flops(CONFIGS[config]))
+    benchmark.extra_info.update(config=config, impl=impl, matmul_flops=step_matmul_flops(CONFIGS[config]))
     with np.errstate(all="ignore"):
         warm(step, 0.5)
+        benchmark.extra_info["implementation"] = step.describe()     # after warming: what was recorded
         settle()
         benchmark(step)
     stats = record(benchmark, (config, impl))

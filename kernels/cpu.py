@@ -34,6 +34,8 @@ flag read from another module would leave stale machine code behind.
 import math
 import threading
 import time
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -345,8 +347,9 @@ def _reparameterize_kl(stats, eps, z_out):
 
 
 @njit(**_JIT)
-def _reparameterize_kl_backward(stats, eps, dz, kl_weight, dstats_out):
+def _reparameterize_kl_backward(stats, eps, dz, knob, dstats_out):
     n_rows, n_latent = eps.shape
+    kl_weight = knob[0]
     w = _f(kl_weight)
     half_w = _f(0.5 * kl_weight)
     for i in range(n_rows):
@@ -368,12 +371,14 @@ def _check_reparam(stats, eps, *others):
 
 def reparameterize_kl_cpu(stats, eps, z_out):
     n_rows, n_latent = _check_reparam(stats, eps, ("z_out", z_out, eps.shape))
-    return _reparameterize_kl(stats, eps, z_out)
+    return _launch(_reparameterize_kl, (stats, eps, z_out), whole="reparameterize_kl")
 
 
 def reparameterize_kl_backward_cpu(stats, eps, dz, kl_weight, dstats_out):
+    """``kl_weight``: a number, or a one-element float64 array read when the kernel runs (a knob)."""
     _check_reparam(stats, eps, ("dz", dz, eps.shape), ("dstats_out", dstats_out, stats.shape))
-    _reparameterize_kl_backward(stats, eps, dz, float(kl_weight), dstats_out)
+    _launch(_reparameterize_kl_backward, (stats, eps, dz, _knob("kl_weight", kl_weight), dstats_out),
+            whole="reparameterize_kl_backward")
 
 
 # -- 2. likelihoods fused with their gradient ----------------------------------------------------------
@@ -466,8 +471,8 @@ def bernoulli_nll_grad_cpu(logits, x, grad_scale, dlogits_out):
     _check("dlogits_out", dlogits_out, shape)
     args = (logits, x, float(grad_scale), dlogits_out, _scratch("row sums", shape[:1]))
     if logits.size >= LOSS_PARALLEL_MIN and _pool_is_fast():
-        return _pooled(_bernoulli_nll_grad_parallel, *args, _CHUNKS)
-    return _bernoulli_nll_grad(*args)
+        return _launch(_bernoulli_nll_grad_parallel, (*args, _CHUNKS), pooled=True, whole="bernoulli_nll_grad")
+    return _launch(_bernoulli_nll_grad, args, whole="bernoulli_nll_grad")
 
 
 def gaussian_nll_grad_cpu(mean, x, logvar, grad_scale, dmean_out):
@@ -718,7 +723,7 @@ def bias_act_cpu(h, bias, activation):
     code = activation_code(activation)
     n_rows, n_cols = _check2d("h", h)
     _check("bias", bias, (n_cols,))
-    _bias_act(h, bias, code)
+    _launch(_bias_act, (h, bias, code), whole="bias_act")
 
 
 def bias_act_backward_cpu(dy, y, activation, dpre_out, dbias_out):
@@ -727,7 +732,7 @@ def bias_act_backward_cpu(dy, y, activation, dpre_out, dbias_out):
     _check("y", y, shape)
     _check("dpre_out", dpre_out, shape)
     _check("dbias_out", dbias_out, (shape[1],))
-    _bias_act_backward(dy, y, code, dpre_out, dbias_out, dpre_out is dy)
+    _launch(_bias_act_backward, (dy, y, code, dpre_out, dbias_out, dpre_out is dy), whole="bias_act_backward")
 
 
 # -- noise ----------------------------------------------------------------------------------------------
@@ -1076,8 +1081,8 @@ def _rows_adam_dx(xt, e, two_blocks, W, M, V, dx, lo, hi, adam):
 
 
 @njit(**_JIT_PARALLEL)
-def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2, step_size,
-                         root_corr, eps, decay):
+def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2, lr, count,
+                         eps, decay):
     """Chunk c updates rows c/_CHUNKS of W from their gradient, never stored (``_rows_adam``), and writes
     its columns of dx from W as it was, in the same pass (``_rows_adam_dx``; no dx when it has no rows)
     -- and the last chunk the bias, whose gradient is in ``grads``; returns the sum of squared
@@ -1086,7 +1091,12 @@ def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, bet
 
     Not storing dW saves a write and a read for ownership of every weight's gradient: a seed-b4 step
     256 -> 235 us (one process, in turn; 30 of 30 alternations) against dW written into ``grads`` by the
-    small-batch weight-gradient kernel and Adam then reading it, whose bits it does not repeat."""
+    small-batch weight-gradient kernel and Adam then reading it, whose bits it does not repeat.
+
+    ``count`` is a one-element float64 array holding Adam's step (a knob: see ``_launch``); the step's
+    bias corrections are computed from it here, with the bits ``_adam_constants`` gets in Python."""
+    step = count[0]
+    step_size, root_corr = lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)
     n_rows, n_in = x.shape
     end = offset + n_in * n_out
     W = params[offset:end].reshape((n_in, n_out))
@@ -1271,8 +1281,9 @@ def linear_act_cpu(x, W, bias, activation, out):
     if np.may_share_memory(out, bias):
         raise ValueError("out must not overlap bias")
     if way is _SMALL:
-        return _pooled(_rows_times_act_parallel, x, W, bias, code, out,
-                       _scratch("forward parts", (_FORWARD_PARTS, n_rows, n_out)))
+        return _launch(_rows_times_act_parallel,
+                       (x, W, bias, code, out, _scratch("forward parts", (_FORWARD_PARTS, n_rows, n_out))),
+                       pooled=True, whole="linear_act")
     blas, n_parts = way, blas_pool.thread_count()
     if W.size <= config.CPU_THIN_LAYER_MAX_WEIGHTS:
         with blas.one_thread:
@@ -1321,8 +1332,10 @@ def fuses_layer_adam_cpu(batch_size):
 
 def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, lr, beta1=0.9, beta2=0.999,
                             eps=1e-8, weight_decay=0.0):
-    """Fused where ``fuses_layer_adam_cpu`` says so, else the plain kernels one after the other."""
+    """Fused where ``fuses_layer_adam_cpu`` says so, else the plain kernels one after the other. ``step``
+    may be a knob (see ``_launch``), which the small-batch kernel reads when it runs."""
     _check_flat(params, grads, m, v)
+    count = _knob("step", step)
     offset, n_in, n_out = map(int, block)
     if offset < 0 or n_in < 1 or n_out < 1 or offset + (n_in + 1) * n_out > params.size:
         raise ValueError(f"block {tuple(block)} does not fit in {params.size} parameters")
@@ -1338,17 +1351,20 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
     pair = split and dx_out is not None and n_in * n_out <= config.CPU_THIN_LAYER_MAX_WEIGHTS
     if way is None or (split and not pair and not _split_fits(n_rows, n_in, n_out, dx_out is not None)):
         return layer_backward_adam_composed(matmul_cpu, adam_step_cpu, x, delta, params, grads, m, v, block,
-                                            dx_out, step, lr, beta1, beta2, eps, weight_decay)
+                                            dx_out, float(count[0]), lr, beta1, beta2, eps, weight_decay)
     # the kernels take at most 19 arguments: with exactly 20, Numba 0.68's dispatcher kept 200 bytes
     # per call (measured)
-    constants = _adam_constants(step, lr, beta1, beta2, eps, weight_decay, 1.0)
-    if pair:
-        with way.one_thread:
-            return _layer_pair_adam(way.sgemm, x, delta, params, grads, m, v, offset, n_out, dx_out, *constants)
+    b1, b2, c1, c2, step_size, root_corr, eps, decay = _adam_constants(float(count[0]), lr, beta1, beta2, eps,
+                                                                       weight_decay, 1.0)
     dx = _NO_DX if dx_out is None else dx_out
     if way is _SMALL:
         pads = _scratch("padded rows", (_REGISTER_ROWS * (n_in + n_out),))
-        return _pooled(_layer_backward_adam, x, delta, pads, params, grads, m, v, offset, n_out, dx, *constants)
+        return _launch(_layer_backward_adam, (x, delta, pads, params, grads, m, v, offset, n_out, dx, b1, b2, c1,
+                                              c2, float(lr), count, eps, decay), pooled=True, whole="layer_backward_adam")
+    constants = (b1, b2, c1, c2, step_size, root_corr, eps, decay)
+    if pair:
+        with way.one_thread:
+            return _layer_pair_adam(way.sgemm, x, delta, params, grads, m, v, offset, n_out, dx_out, *constants)
     n_parts = blas_pool.thread_count()
     room = (n_in + n_out) * n_rows if dx_out is not None and n_rows <= config.CPU_TRANSPOSED_DX_MAX_BATCH else 0
     with way.one_thread:
@@ -1375,16 +1391,16 @@ def matmul_cpu(a, b, out):
                 if b_flags.c_contiguous:                                  # x @ W
                     if parallel:
                         parts = _scratch("forward parts", (_FORWARD_PARTS, m, n))
-                        return _pooled(_rows_times_parallel, a, b, out, parts)
-                    return _rows_times(a, b, out)
+                        return _launch(_rows_times_parallel, (a, b, out, parts), pooled=True, whole="matmul")
+                    return _launch(_rows_times, (a, b, out), whole="matmul")
                 if b_flags.f_contiguous:                                  # delta @ W.T
                     if parallel:
-                        return _pooled(_dots_parallel, a, b.T, out, _CHUNKS)
-                    return _dots(a, b.T, out, 0, n)
+                        return _launch(_dots_parallel, (a, b.T, out, _CHUNKS), pooled=True, whole="matmul")
+                    return _launch(_dots, (a, b.T, out, 0, n), whole="matmul")
             if a_flags.f_contiguous and k <= small and b_flags.c_contiguous:   # x.T @ delta
                 if parallel:
-                    return _pooled(_rank_update_parallel, a.T, b, out, _CHUNKS)
-                return _rank_update(a.T, b, out, 0, m)
+                    return _launch(_rank_update_parallel, (a.T, b, out, _CHUNKS), pooled=True, whole="matmul")
+                return _launch(_rank_update, (a.T, b, out, 0, m), whole="matmul")
     if not (_pool_is_fast() and blas_pool.matmul(a, b, out)):
         _BLAS_CALLED[0] = time.perf_counter()
         np.matmul(a, b, out=out)
@@ -1393,6 +1409,74 @@ def matmul_cpu(a, b, out):
 # -- who has the cores ------------------------------------------------------------------------------
 _BLAS_CALLED = [-math.inf]     # perf_counter() of this module's last BLAS call on OpenBLAS's own threads
 _POOL = []                     # [whether Numba's pool keeps its threads ready], once known
+
+
+# -- launches, and recording them ------------------------------------------------------------------------
+# At a batch of a few images a step is 15 launches of 1-45 us, and the Python around them (checking
+# arguments, choosing a way) took 40 us of a 205 us seed-b4 step. A caller that makes the same calls on
+# the same arrays at every step can record the launches once and replay them (vaecore/cpu_replay.py).
+# What changes between its steps is passed as knobs: one-element float64 arrays that a kernel reads when
+# it runs (Adam's step, the KL weight), as the CUDA kernels take them inside a recorded graph.
+
+
+class Launch(NamedTuple):
+    kernel: object
+    args: tuple
+    pooled: bool          # through _pooled: every thread or one, as the split choice says at the time
+    whole: str            # the table function this launch is all of ("" where it is a part of one)
+
+
+_RECORDING = threading.local()
+
+
+def _launch(kernel, args, pooled=False, whole=""):
+    """``kernel(*args)``, through ``_pooled`` if ``pooled``; logged with its result while this thread
+    records (``recording``). Only launches that are a wrapper's whole work on its path name it in
+    ``whole``: a path that does anything else logs nothing, so a recording of it shows a gap."""
+    result = _pooled(kernel, *args) if pooled else kernel(*args)
+    log = getattr(_RECORDING, "log", None)
+    if log is not None:
+        log.append((Launch(kernel, args, pooled, whole), result))
+    return result
+
+
+@contextmanager
+def recording():
+    """Logs (``Launch``, result) for every launch this thread makes inside the block, into the list
+    it yields, and (None, why) where a call made a launch that cannot be replayed. Nesting is an error:
+    an inner recording would hide the outer one's launches."""
+    if getattr(_RECORDING, "log", None) is not None:
+        raise RuntimeError("this thread is already recording launches")
+    _RECORDING.log = log = []
+    try:
+        yield log
+    finally:
+        _RECORDING.log = None
+
+
+def replay(launches, results):
+    """Runs ``launches`` in order, each as it ran when recorded; ``results[i]`` gets launch i's result.
+    Their scratch buffers are the recording thread's: replay on that thread."""
+    for i, (kernel, args, pooled, _) in enumerate(launches):
+        results[i] = _pooled(kernel, *args) if pooled else kernel(*args)
+
+
+def _knob(name, value):
+    """``value`` as the one-element float64 array a kernel reads: a knob as it is, a number through
+    this thread's own array (filled now: a launch recorded with it would read whatever came last)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype != np.float64 or value.shape != (1,):
+            raise ValueError(f"{name}: expected a number or a float64 array of shape (1,), "
+                             f"got {value.dtype} of shape {value.shape}")
+        return value
+    log = getattr(_RECORDING, "log", None)
+    if log is not None:                   # a gap: a replay would read what another call wrote last
+        log.append((None, f"{name} was a number, not a knob"))
+    knob = _SCRATCH.__dict__.setdefault("knobs", {}).get(name)
+    if knob is None:
+        knob = _SCRATCH.knobs[name] = np.empty(1, np.float64)
+    knob[0] = value
+    return knob
 
 
 def _pooled(kernel, *args):

@@ -22,7 +22,7 @@ SETTINGS = ["--hidden", "256", "--latent-dim", "4", "--batch-size", "2", "--back
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "bars.npz"
-    np.savez(path, x_train=striped_digits(3000, size=16, seed=1), x_test=striped_digits(50, size=16, seed=2))
+    np.savez(path, x_train=striped_digits(12000, size=16, seed=1), x_test=striped_digits(50, size=16, seed=2))
     return path
 
 
@@ -46,7 +46,7 @@ def test_signal_saves_and_resume_matches_an_uninterrupted_run(data, tmp_path, si
     for line in process.stdout:                   # wait for epoch 1's row, then interrupt epoch 2
         if line.split()[:1] == ["1"]:
             break
-    time.sleep(0.1)                               # into epoch 2 (each epoch is 1,500 steps)
+    time.sleep(0.1)                               # into epoch 2 (each epoch is 6,000 steps)
     process.send_signal(signum)
     rc, _, err = finish(process)
     assert rc == code, err

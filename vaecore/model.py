@@ -185,7 +185,9 @@ class VAE:
         k = self.backend.kernels
         n_enc = self.n_encoder
         backward_layers(self.backend, self.decoder, ws.z, ws.acts[n_enc:], ws.deltas[n_enc:], ws.dz, update, n_enc)
-        k.reparameterize_kl_backward(ws.stats, ws.eps, ws.dz, kl_weight * grad_scale, ws.dstats)
+        # a knob (a replayed step's array, already scaled) passes as itself, not as a new product
+        weight = kl_weight if grad_scale == 1.0 else kl_weight * grad_scale
+        k.reparameterize_kl_backward(ws.stats, ws.eps, ws.dz, weight, ws.dstats)
         backward_layers(self.backend, self.encoder, ws.x, ws.acts[:n_enc], ws.deltas[:n_enc], None, update)
 
     # -- what users call ------------------------------------------------------------------------

@@ -50,16 +50,22 @@ class LayerUpdates:
         self.adam, self.params, self.grads = adam, params, grads
         self.blocks = [tuple(row) for row in blocks.tolist()]
         self.squares = 0.0
+        self.count = 0
 
-    def start(self):
-        self.adam.t += 1
+    def start(self, count=None):
+        """``count`` as in :meth:`Adam.step`: None advances ``t`` and passes it; a replayed CPU step
+        (vaecore/cpu_replay.py) passes a one-element float64 array it fills with ``t`` itself."""
+        if count is None:
+            self.adam.t += 1
+            count = self.adam.t
+        self.count = count
         self.squares = 0.0
 
     def __call__(self, layer, x, delta, dx_out):
         a = self.adam
         self.squares += a.backend.kernels.layer_backward_adam(x, delta, self.params, self.grads, a.m, a.v,
-                                                              self.blocks[layer], dx_out, a.t, a.lr, a.beta1,
-                                                              a.beta2, a.eps, a.weight_decay)
+                                                              self.blocks[layer], dx_out, self.count, a.lr,
+                                                              a.beta1, a.beta2, a.eps, a.weight_decay)
 
     def norm(self):
         return math.sqrt(self.squares)

@@ -17,6 +17,7 @@ import numpy as np
 from . import checkpoint, images, inference
 from .binarize import TEST_SEED, DynamicBinarizer, binarize_fixed
 from .config import ModelConfig, TrainConfig
+from .cpu_replay import ReplayedStep
 from .cuda_graph import GraphedStep
 from .errors import VaecoreError
 from .fileio import atomic_write_text
@@ -72,7 +73,8 @@ class RunPaths:
 class Trainer:
     """Owns the model, its optimizer and the host-side batch buffers for one data set."""
 
-    def __init__(self, model: VAE, optimizer: Adam, config: TrainConfig, x_train, x_val, cuda_graphs=True):
+    def __init__(self, model: VAE, optimizer: Adam, config: TrainConfig, x_train, x_val, cuda_graphs=True,
+                 cpu_replay=True):
         self.model, self.optimizer, self.config = model, optimizer, config
         self.backend = model.backend
         self.x_train = x_train.reshape(len(x_train), -1)     # uint8 (N, D), stays on the host
@@ -87,6 +89,12 @@ class Trainer:
         self.graphed_step = None
         if cuda_graphs and self.backend.name == "cupy" and self.backend.kernels.name == "cuda" and not self.objective:
             self.graphed_step = GraphedStep(model, optimizer)
+        # on the CPU, the step's kernel launches recorded once per batch size and replayed where that is
+        # the whole step (a small batch; see cpu_replay.py)
+        self.replayed_step = None
+        if (cpu_replay and self.backend.name == "numpy" and self.backend.kernels.name == "cpu" and not self.objective
+                and self._layer_updates is not None):
+            self.replayed_step = ReplayedStep(model, optimizer, self._layer_updates)
         if len(self.x_train) < config.batch_size:
             raise VaecoreError(f"the training set has {len(self.x_train)} images, fewer than one batch "
                                f"of {config.batch_size}; lower --batch-size or raise --limit")
@@ -109,6 +117,8 @@ class Trainer:
         ws = (self.objective or model).workspace(len(batch))
         if self.graphed_step is not None:
             return self.graphed_step(ws, batch, scale, kl_weight)
+        if self.replayed_step is not None and self.replayed_step.handles(len(batch)):
+            return self.replayed_step(ws, batch, scale, kl_weight)
         backend.images_into(ws.x, batch)
         backend.normal_into(ws.eps, ws.eps_host)
         if self.objective is not None:

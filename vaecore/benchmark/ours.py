@@ -46,8 +46,13 @@ class OurStep:
     __call__ = step
 
     def describe(self):
-        graphed = ", the step as one CUDA graph" if self.trainer.graphed_step is not None else ""
-        return f"vaecore {self.backend.describe()}{graphed}"
+        """What runs; after a step, whether it was recorded (a CUDA graph, or replayed CPU launches)."""
+        trainer, how = self.trainer, ""
+        if trainer.graphed_step is not None:
+            how = ", the step as one CUDA graph"
+        elif trainer.replayed_step is not None and trainer.replayed_step.replays(self.config.batch):
+            how = ", the step's kernel launches recorded once and replayed"
+        return f"vaecore {self.backend.describe()}{how}"
 
 
 def threads_note():
