@@ -55,7 +55,9 @@ def adam_step_reference(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, e
 # table may never store it (the CPU table's small-batch kernel computes each weight's gradient in
 # registers and updates the weight at once), so nothing may read it after the call.
 # ``fuses_layer_adam(batch_size)`` says whether a table's version is worth calling instead of the plain
-# backward and one ``adam_step``: where it is only this composition, it is not.
+# backward and one ``adam_step``: where it is only this composition, it is not. The cpu and cuda tables
+# also take ``step`` as a one-element float64 array that the kernel reads when it runs, so that a step
+# recorded once (vaecore/cpu_replay.py, vaecore/cuda_graph.py) replays with each step's count.
 
 
 def layer_backward_adam_composed(matmul, adam_step, x, delta, params, grads, m, v, block, dx_out, step, lr,

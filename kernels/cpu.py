@@ -8,7 +8,10 @@ Contract of the wrappers
 ------------------------
 * Arrays must be NumPy ``float32`` and C-contiguous with the shapes the docstrings give; anything else
   is rejected with a ``ValueError`` naming the argument (the engine allocates its buffers that way, and
-  a silent copy or a second compiled specialisation would hide a slow path). Scalars are Python numbers.
+  a silent copy or a second compiled specialisation would hide a slow path). Scalars are Python numbers,
+  except that Adam's ``step`` in ``layer_backward_adam_cpu`` and ``kl_weight`` in
+  ``reparameterize_kl_backward_cpu`` may also be knobs: one-element float64 arrays read when the kernel
+  runs, so that a recorded launch serves every step (see "launches, and recording them" below).
   The exception is ``matmul_cpu``, which takes anything ``np.matmul`` takes and hands what its own
   kernels do not cover to it.
 * Outputs are written into the preallocated buffers; nothing is allocated per call. Loss kernels return
@@ -1406,11 +1409,6 @@ def matmul_cpu(a, b, out):
         np.matmul(a, b, out=out)
 
 
-# -- who has the cores ------------------------------------------------------------------------------
-_BLAS_CALLED = [-math.inf]     # perf_counter() of this module's last BLAS call on OpenBLAS's own threads
-_POOL = []                     # [whether Numba's pool keeps its threads ready], once known
-
-
 # -- launches, and recording them ------------------------------------------------------------------------
 # At a batch of a few images a step is 15 launches of 1-45 us, and the Python around them (checking
 # arguments, choosing a way) took 40 us of a 205 us seed-b4 step. A caller that makes the same calls on
@@ -1477,6 +1475,11 @@ def _knob(name, value):
         knob = _SCRATCH.knobs[name] = np.empty(1, np.float64)
     knob[0] = value
     return knob
+
+
+# -- who has the cores ------------------------------------------------------------------------------
+_BLAS_CALLED = [-math.inf]     # perf_counter() of this module's last BLAS call on OpenBLAS's own threads
+_POOL = []                     # [whether Numba's pool keeps its threads ready], once known
 
 
 def _pooled(kernel, *args):

@@ -14,7 +14,8 @@ Backward, given ``dz`` = dLoss/dz and the weight ``w`` that the KL sum carries i
     dmu     = dz + w * mu
     dlogvar = dz * eps * exp(logvar / 2) / 2 + w * (exp(logvar) - 1) / 2
 
-written into ``dstats`` laid out like ``stats``.
+written into ``dstats`` laid out like ``stats``. The cpu and cuda tables also take ``w`` as a one-element
+float64 array read when the kernel runs (a recorded step's knob: vaecore/cpu_replay.py, cuda_graph.py).
 """
 
 from .namespace import array_namespace
