@@ -1,6 +1,7 @@
 """The CPU step replayed from its recorded kernel launches is the eager step, bit for bit, and a step
 whose launches are not all of its work is never replayed."""
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -66,8 +67,9 @@ def test_replayed_steps_are_the_eager_steps_bit_for_bit(model_config, size):
 
 
 @needs_fused_update
-def test_a_change_to_adam_or_the_thread_records_again():
-    """The launches hold Adam's settings and the recording thread's scratch buffers."""
+def test_a_change_to_adam_the_thread_or_the_table_records_again():
+    """The launches hold Adam's settings, the recording thread's scratch buffers and the kernel table's
+    functions."""
     replayed, eager = trainers(SMALL, 8)
     batch = replayed.x_train[:4].copy()
     for _ in range(3):
@@ -82,8 +84,20 @@ def test_a_change_to_adam_or_the_thread_records_again():
     worker = threading.Thread(target=step_both, args=(replayed, eager, batch, 1.0))
     worker.start()
     worker.join()
-    assert replayed.replayed_step._recorded[4] is not second
+    third = replayed.replayed_step._recorded[4]
+    assert third is not second
     step_both(replayed, eager, batch, 1.0)
+    assert replayed.replayed_step._recorded[4] is not third          # back on this thread: again
+
+    table, forwards = replayed.backend.kernels, []
+
+    def linear_act(*args):
+        forwards.append(args)
+        return table.linear_act(*args)
+
+    replayed.backend.kernels = dataclasses.replace(table, linear_act=linear_act)
+    step_both(replayed, eager, batch, 1.0)              # recorded through the new table
+    assert len(forwards) == len(replayed.model.layers)
     same_state(replayed, eager)
 
 

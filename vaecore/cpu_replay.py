@@ -24,7 +24,7 @@ How a step runs (:meth:`ReplayedStep.__call__`):
 Every array operation of the step must go through the kernel table: one done outside it would run once,
 while recording, and never again (``tests/test_cpu_replay.py`` compares replays with eager steps). The
 launches use the recording thread's scratch buffers, so another thread records its own; so does a change
-to Adam's settings, which the launches hold.
+to Adam's settings, which the launches hold, or to the backend's kernel table.
 """
 
 import dataclasses
@@ -68,8 +68,8 @@ class ReplayedStep:
         backend.normal_into(ws.eps, ws.eps_host)
         optimizer.t += 1
         self.knobs[0], self.knobs[1] = optimizer.t, kl_weight * scale
-        key = (threading.get_ident(), optimizer.lr, optimizer.beta1, optimizer.beta2, optimizer.eps,
-               optimizer.weight_decay)
+        key = (threading.get_ident(), backend.kernels, optimizer.lr, optimizer.beta1, optimizer.beta2,
+               optimizer.eps, optimizer.weight_decay)
         recording = self._recorded.get(ws.batch_size)
         if recording is not None and recording.key == key:
             return recording.replay(self._cpu.replay)
