@@ -995,6 +995,14 @@ def _dots_parallel(d, W, out, n_chunks):
         _dots(d, W, out, c * n_in // n_chunks, (c + 1) * n_in // n_chunks)
 
 
+@njit(inline="always", **_JIT)
+def _bias_corrections(lr, beta1, beta2, count):
+    """Adam's ``lr / (1 - b1**t)`` and ``sqrt(1 - b2**t)`` for the step t in the knob ``count``: the bits
+    ``_adam_constants`` gets in Python (the same libm ``pow``; checked for t up to 3 million)."""
+    step = count[0]
+    return lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)
+
+
 # The fused small-batch update keeps this many rows of delta in registers: two blocks of four, the
 # rows past the batch zero (a larger config.CPU_SMALL_BATCH leaves its larger batches to the plain kernels).
 _REGISTER_ROWS = 8
@@ -1096,10 +1104,9 @@ def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, bet
     256 -> 235 us (one process, in turn; 30 of 30 alternations) against dW written into ``grads`` by the
     small-batch weight-gradient kernel and Adam then reading it, whose bits it does not repeat.
 
-    ``count`` is a one-element float64 array holding Adam's step (a knob: see ``_launch``); the step's
-    bias corrections are computed from it here, with the bits ``_adam_constants`` gets in Python."""
-    step = count[0]
-    step_size, root_corr = lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)
+    ``count`` is a one-element float64 array holding Adam's step (a knob: see ``_launch``), as in the
+    split's two kernels below (``_bias_corrections``)."""
+    step_size, root_corr = _bias_corrections(lr, beta1, beta2, count)
     n_rows, n_in = x.shape
     end = offset + n_in * n_out
     W = params[offset:end].reshape((n_in, n_out))
@@ -1131,7 +1138,7 @@ _NO_DX = np.empty((0, 0), _F32)
 
 @njit(**_JIT_PARALLEL)
 def _layer_parts_adam(sgemm, scratch, x, d, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2,
-                      step_size, root_corr, eps, decay):
+                      lr, count, eps, decay):
     """Part q (of ``scratch.shape[0]``) owns rows q/n_parts of W. With the split's own one-thread
     OpenBLAS calls (kernels/blas_pool.py) it computes their columns of dx = d @ W.T (none when dx has no
     rows) and their rows of dW = x.T @ d, then updates them -- and the last part the bias -- while they
@@ -1143,6 +1150,7 @@ def _layer_parts_adam(sgemm, scratch, x, d, params, grads, m, v, offset, n_out, 
     ``scratch`` and the product back into dx (:mod:`kernels.transpose`). Each part turns all of d
     itself: one part turning each half cost a second launch and reading the other core's half, 3% of
     an example-b128 step in the machine's slow phases."""
+    step_size, root_corr = _bias_corrections(lr, beta1, beta2, count)
     n_parts, (n_rows, n_in) = scratch.shape[0], x.shape
     end = offset + n_in * n_out
     W = params[offset:end].reshape((n_in, n_out))
@@ -1170,12 +1178,13 @@ def _layer_parts_adam(sgemm, scratch, x, d, params, grads, m, v, offset, n_out, 
 
 
 @njit(**_JIT_PARALLEL)
-def _layer_pair_adam(sgemm, x, d, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2, step_size,
-                     root_corr, eps, decay):
+def _layer_pair_adam(sgemm, x, d, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2, lr, count,
+                     eps, decay):
     """A small layer's two gradient products side by side, each whole in a one-thread OpenBLAS call:
     dW = x.T @ d on one thread while dx = d @ W.T (W as it was) runs on the other; then the calling
     thread, which wrote dW, updates the block. Split into parts, products this thin (20 or 40 columns
     or a depth of 20) are mostly each OpenBLAS call's fixed cost, paid twice."""
+    step_size, root_corr = _bias_corrections(lr, beta1, beta2, count)
     n_in = x.shape[1]
     end = offset + n_in * n_out
     W = params[offset:end].reshape((n_in, n_out))
@@ -1289,12 +1298,11 @@ def linear_act_cpu(x, W, bias, activation, out):
                        pooled=True, whole="linear_act")
     blas, n_parts = way, blas_pool.thread_count()
     if W.size <= config.CPU_THIN_LAYER_MAX_WEIGHTS:
-        with blas.one_thread:
-            _linear_act_rows(blas.sgemm, n_parts, x, W, bias, code, out)
-        return
+        return _launch(_linear_act_rows, (blas.sgemm, n_parts, x, W, bias, code, out), context=blas.one_thread,
+                       whole="linear_act")
     partials = _scratch("forward partials", (n_parts - 1, n_rows, n_out))
-    with blas.one_thread:
-        _linear_act_parts(blas.sgemm, x, W, bias, code, out, partials)
+    return _launch(_linear_act_parts, (blas.sgemm, x, W, bias, code, out, partials), context=blas.one_thread,
+                   whole="linear_act")
 
 
 def _split_blas(batch_size):
@@ -1355,24 +1363,22 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
     if way is None or (split and not pair and not _split_fits(n_rows, n_in, n_out, dx_out is not None)):
         return layer_backward_adam_composed(matmul_cpu, adam_step_cpu, x, delta, params, grads, m, v, block,
                                             dx_out, float(count[0]), lr, beta1, beta2, eps, weight_decay)
-    # the kernels take at most 19 arguments: with exactly 20, Numba 0.68's dispatcher kept 200 bytes
-    # per call (measured)
-    b1, b2, c1, c2, step_size, root_corr, eps, decay = _adam_constants(float(count[0]), lr, beta1, beta2, eps,
-                                                                       weight_decay, 1.0)
+    # _adam_constants' at a scale of 1, with the step's two left to the kernel; the kernels take at most 19
+    # arguments: with exactly 20, Numba 0.68's dispatcher kept 200 bytes per call (measured)
+    adam = (float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(lr), count, float(eps), lr * weight_decay)
     dx = _NO_DX if dx_out is None else dx_out
     if way is _SMALL:
         pads = _scratch("padded rows", (_REGISTER_ROWS * (n_in + n_out),))
-        return _launch(_layer_backward_adam, (x, delta, pads, params, grads, m, v, offset, n_out, dx, b1, b2, c1,
-                                              c2, float(lr), count, eps, decay), pooled=True, whole="layer_backward_adam")
-    constants = (b1, b2, c1, c2, step_size, root_corr, eps, decay)
+        return _launch(_layer_backward_adam, (x, delta, pads, params, grads, m, v, offset, n_out, dx, *adam),
+                       pooled=True, whole="layer_backward_adam")
     if pair:
-        with way.one_thread:
-            return _layer_pair_adam(way.sgemm, x, delta, params, grads, m, v, offset, n_out, dx_out, *constants)
+        return _launch(_layer_pair_adam, (way.sgemm, x, delta, params, grads, m, v, offset, n_out, dx_out, *adam),
+                       context=way.one_thread, whole="layer_backward_adam")
     n_parts = blas_pool.thread_count()
     room = (n_in + n_out) * n_rows if dx_out is not None and n_rows <= config.CPU_TRANSPOSED_DX_MAX_BATCH else 0
-    with way.one_thread:
-        return _layer_parts_adam(way.sgemm, _scratch("turned products", (n_parts, room)), x, delta, params, grads,
-                                 m, v, offset, n_out, dx, *constants)
+    return _launch(_layer_parts_adam, (way.sgemm, _scratch("turned products", (n_parts, room)), x, delta, params,
+                                       grads, m, v, offset, n_out, dx, *adam),
+                   context=way.one_thread, whole="layer_backward_adam")
 
 
 def matmul_cpu(a, b, out):
@@ -1421,21 +1427,32 @@ class Launch(NamedTuple):
     kernel: object
     args: tuple
     pooled: bool          # through _pooled: every thread or one, as the split choice says at the time
+    context: object       # entered around the launch (a split's ``blas.one_thread``), or None
     whole: str            # the table function this launch is all of ("" where it is a part of one)
 
 
 _RECORDING = threading.local()
 
 
-def _launch(kernel, args, pooled=False, whole=""):
-    """``kernel(*args)``, through ``_pooled`` if ``pooled``; logged with its result while this thread
-    records (``recording``). Only launches that are a wrapper's whole work on its path name it in
-    ``whole``: a path that does anything else logs nothing, so a recording of it shows a gap."""
-    result = _pooled(kernel, *args) if pooled else kernel(*args)
+def _launch(kernel, args, pooled=False, context=None, whole=""):
+    """``kernel(*args)``, through ``_pooled`` if ``pooled``, inside ``context`` if given; logged with its
+    result while this thread records (``recording``). Only launches that are a wrapper's whole work on
+    its path name it in ``whole``: a path that does anything else logs nothing, so a recording of it
+    shows a gap."""
+    result = _run(kernel, args, pooled, context)
     log = getattr(_RECORDING, "log", None)
     if log is not None:
-        log.append((Launch(kernel, args, pooled, whole), result))
+        log.append((Launch(kernel, args, pooled, context, whole), result))
     return result
+
+
+def _run(kernel, args, pooled, context):
+    if pooled:
+        return _pooled(kernel, *args)
+    if context is None:
+        return kernel(*args)
+    with context:
+        return kernel(*args)
 
 
 @contextmanager
@@ -1455,8 +1472,8 @@ def recording():
 def replay(launches, results):
     """Runs ``launches`` in order, each as it ran when recorded; ``results[i]`` gets launch i's result.
     Their scratch buffers are the recording thread's: replay on that thread."""
-    for i, (kernel, args, pooled, _) in enumerate(launches):
-        results[i] = _pooled(kernel, *args) if pooled else kernel(*args)
+    for i, (kernel, args, pooled, context, _) in enumerate(launches):
+        results[i] = _run(kernel, args, pooled, context)
 
 
 def _knob(name, value):

@@ -1,9 +1,10 @@
-"""The NumPy training step at a small batch: its kernel launches recorded once, then replayed.
+"""The NumPy training step: its kernel launches recorded once per batch size, then replayed.
 
 Why: at a batch of a few images a CPU step is about 15 Numba launches of 1-45 us each, and the Python
 around them (the kernel wrappers' argument checks and choices of a way, the model's loops) took 40 us of
 a 205 us seed-b4 step. Step after step the calls are the same, on the same arrays; only the batch, the
-noise, Adam's step count and the KL weight change.
+noise, Adam's step count and the KL weight change. Larger batches replay too (their launches split the
+products over one-thread OpenBLAS calls), where the Python is a smaller share.
 
 How a step runs (:meth:`ReplayedStep.__call__`):
 
@@ -15,16 +16,17 @@ How a step runs (:meth:`ReplayedStep.__call__`):
   is known, while ``kernels.cpu.recording`` logs the launches, through a copy of the kernel table that
   notes which launches each call made. The log is kept only if each call's launches are the whole of
   that call (``Launch.whole``) and the call returned what its launch returned: then replaying them is
-  the step, bit for bit. Otherwise (a batch whose products are split over OpenBLAS, a Gaussian
-  likelihood whose wrapper adds a term in Python) that batch size takes the trainer's eager step from
-  then on, and ``refused`` says why.
+  the step, bit for bit. Otherwise (a product NumPy makes, a Gaussian likelihood whose wrapper finishes
+  its sum in Python) that batch size takes the trainer's eager step from then on, and ``refused`` says
+  why.
 * A replay returns the likelihood's and the KL's sums and the gradient norm, the layers' squared sums
   added in the eager step's order.
 
 Every array operation of the step must go through the kernel table: one done outside it would run once,
 while recording, and never again (``tests/test_cpu_replay.py`` compares replays with eager steps). The
 launches use the recording thread's scratch buffers, so another thread records its own; so does a change
-to Adam's settings, which the launches hold, or to the backend's kernel table.
+to Adam's settings, which the launches hold, to the backend's kernel table, or to Numba's thread count
+(a split product's parts are cut for it).
 """
 
 import dataclasses
@@ -45,8 +47,9 @@ class ReplayedStep:
 
     def __init__(self, model, optimizer, updates):
         import kernels.cpu
+        from kernels.blas_pool import thread_count
 
-        self._cpu = kernels.cpu
+        self._cpu, self._threads = kernels.cpu, thread_count
         self.model, self.optimizer, self.updates = model, optimizer, updates
         self.knobs = np.zeros(2)                   # [Adam's step count, KL weight / batch size]
         self._count, self._kl = self.knobs[0:1], self.knobs[1:2]
@@ -68,8 +71,8 @@ class ReplayedStep:
         backend.normal_into(ws.eps, ws.eps_host)
         optimizer.t += 1
         self.knobs[0], self.knobs[1] = optimizer.t, kl_weight * scale
-        key = (threading.get_ident(), backend.kernels, optimizer.lr, optimizer.beta1, optimizer.beta2,
-               optimizer.eps, optimizer.weight_decay)
+        key = (threading.get_ident(), self._threads(), backend.kernels, optimizer.lr, optimizer.beta1,
+               optimizer.beta2, optimizer.eps, optimizer.weight_decay)
         recording = self._recorded.get(ws.batch_size)
         if recording is not None and recording.key == key:
             return recording.replay(self._cpu.replay)

@@ -89,8 +89,8 @@ class Trainer:
         self.graphed_step = None
         if cuda_graphs and self.backend.name == "cupy" and self.backend.kernels.name == "cuda" and not self.objective:
             self.graphed_step = GraphedStep(model, optimizer)
-        # on the CPU, the step's kernel launches recorded once per batch size and replayed where that is
-        # the whole step (a small batch; see cpu_replay.py)
+        # on the CPU, the step's kernel launches recorded once per batch size and replayed where they are
+        # the whole step (see cpu_replay.py)
         self.replayed_step = None
         if (cpu_replay and self.backend.name == "numpy" and self.backend.kernels.name == "cpu" and not self.objective
                 and self._layer_updates is not None):
