@@ -152,7 +152,8 @@ def evaluate_all(model, images, seed=0, iw_samples=1000, binarize=False, chunk=N
         raise VaecoreError("there are no test images to evaluate on")
     if binarize:
         images = binarize_fixed(images, TEST_SEED)
-    trainer = Trainer(model, Adam(model.backend, 1), TrainConfig(batch_size=1), images[:1], images, cuda_graphs=False)
+    trainer = Trainer(model, Adam(model.backend, 1), TrainConfig(batch_size=1), images[:1], images, cuda_graphs=False,
+                      cpu_replay=False)
     elbo = trainer.evaluate(trainer.x_val, seed=seed)
     nll_is = None
     if iw_samples:
