@@ -243,6 +243,14 @@ def test_notes_name_missing_frameworks_and_how_to_install_them():
     assert "1.5 of the 2 cores busy" in report.format_notes(report.Comparison([], {}, {"cores": 2}, 1.5))
 
 
+def test_notes_say_how_ours_ran_once_timed():
+    results = [fake_result(name, ours=0.001, ceiling=0.001) for name in ("seed-b4", "example-b128", "wide-b512")]
+    results[0].ours_ran = results[1].ours_ran = "vaecore numpy, replayed"
+    results[2].ours_ran = "vaecore numpy"
+    notes = report.format_notes(report.Comparison(results, {}, {"cores": 2}, 0.0)).splitlines()
+    assert notes == ["ours ran as vaecore numpy, replayed: seed-b4, example-b128", "ours ran as vaecore numpy: wide-b512"]
+
+
 def test_override_warning_only_when_openblas_coretype_is_set(monkeypatch):
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     warning = machine.override_warning()

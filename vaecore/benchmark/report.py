@@ -32,6 +32,7 @@ class ConfigResult:
     ours: object = None
     references: dict = field(default_factory=dict)   # "torch"/"jax" -> Timing (missing ones absent)
     ceiling: object = None
+    ours_ran: str = ""                               # how ours ran, once timed (OurStep.describe)
 
     @property
     def backend(self):
@@ -114,7 +115,7 @@ def compare(configs=tuple(CONFIGS), seconds=2.0, backend="numpy", references=REF
         with np.errstate(all="ignore"):          # as in training: a diverging reference is no crash
             timings = measure_each(steps, seconds)
         results.append(ConfigResult(config, ours_impl, timings.pop("ours"), ceiling=timings.pop("ceiling"),
-                                    references=timings))
+                                    references=timings, ours_ran=steps["ours"].describe()))
         del steps
     return Comparison(results, missing, machine.summary(), meter.stop())
 
@@ -177,6 +178,11 @@ def format_table(results):
 
 def format_notes(comparison):
     lines = []
+    ran = {}                                         # how ours ran -> the configurations that ran so
+    for result in comparison.results:
+        if result.ours_ran:
+            ran.setdefault(result.ours_ran, []).append(result.config.name)
+    lines += [f"ours ran as {how}: {', '.join(names)}" for how, names in ran.items()]
     for ref, why in comparison.missing.items():
         lines.append(f"{ref}: not compared -- {why}" + ("" if INSTALL_HINTS[ref] in why else
                                                          f"; to compare: {INSTALL_HINTS[ref]}"))
