@@ -1363,9 +1363,11 @@ def layer_backward_adam_cpu(x, delta, params, grads, m, v, block, dx_out, step, 
     if way is None or (split and not pair and not _split_fits(n_rows, n_in, n_out, dx_out is not None)):
         return layer_backward_adam_composed(matmul_cpu, adam_step_cpu, x, delta, params, grads, m, v, block,
                                             dx_out, float(count[0]), lr, beta1, beta2, eps, weight_decay)
-    # _adam_constants' at a scale of 1, with the step's two left to the kernel; the kernels take at most 19
-    # arguments: with exactly 20, Numba 0.68's dispatcher kept 200 bytes per call (measured)
-    adam = (float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(lr), count, float(eps), lr * weight_decay)
+    # _adam_constants at a scale of 1, the step's two (bias corrections) left to the kernel, which reads the
+    # count when it runs; the kernels take at most 19 arguments: with exactly 20, Numba 0.68's dispatcher
+    # kept 200 bytes per call (measured)
+    b1, b2, c1, c2, _, _, eps32, decay = _adam_constants(1, lr, beta1, beta2, eps, weight_decay, 1.0)
+    adam = (b1, b2, c1, c2, float(lr), count, eps32, decay)
     dx = _NO_DX if dx_out is None else dx_out
     if way is _SMALL:
         pads = _scratch("padded rows", (_REGISTER_ROWS * (n_in + n_out),))

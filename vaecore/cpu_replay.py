@@ -6,10 +6,9 @@ a 205 us seed-b4 step. Step after step the calls are the same, on the same array
 noise, Adam's step count and the KL weight change. Larger batches replay too (their launches split the
 products over one-thread OpenBLAS calls), where the Python is a smaller share.
 
-How a step runs (:meth:`ReplayedStep.__call__`):
+How a step runs (:meth:`ReplayedStep.__call__`), once the trainer has written the batch's pixels and
+the noise into the workspace (the batch is the caller's array, so that part is not recorded):
 
-* The batch's pixels and the noise are written into the workspace as in the eager step (the batch is the
-  caller's array, so this part is not recorded).
 * Adam's step count and the KL weight (times the batch's 1/B) go into ``knobs``, a float64 array whose
   one-element views the kernels read when they run (``kernels.cpu._launch``).
 * The first step at a batch size runs the model's loss and backward, each layer updated as its gradient
@@ -65,10 +64,9 @@ class ReplayedStep:
         """Whether steps at ``batch_size`` are replayed now (one has been recorded and kept)."""
         return batch_size in self._recorded
 
-    def __call__(self, ws, batch, scale, kl_weight):
+    def __call__(self, ws, scale, kl_weight):
+        """The step on the pixels and noise already in ``ws``."""
         backend, optimizer = self.model.backend, self.optimizer
-        backend.images_into(ws.x, batch)
-        backend.normal_into(ws.eps, ws.eps_host)
         optimizer.t += 1
         self.knobs[0], self.knobs[1] = optimizer.t, kl_weight * scale
         key = (threading.get_ident(), self._threads(), backend.kernels, optimizer.lr, optimizer.beta1,

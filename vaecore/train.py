@@ -117,10 +117,10 @@ class Trainer:
         ws = (self.objective or model).workspace(len(batch))
         if self.graphed_step is not None:
             return self.graphed_step(ws, batch, scale, kl_weight)
-        if self.replayed_step is not None and self.replayed_step.handles(len(batch)):
-            return self.replayed_step(ws, batch, scale, kl_weight)
         backend.images_into(ws.x, batch)
         backend.normal_into(ws.eps, ws.eps_host)
+        if self.replayed_step is not None and self.replayed_step.handles(len(batch)):
+            return self.replayed_step(ws, scale, kl_weight)
         if self.objective is not None:
             rec, kl = self.objective.loss_and_backward(ws, grad_scale=scale), 0.0
         else:
