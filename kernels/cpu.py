@@ -60,9 +60,10 @@ from .transpose import transpose_into_columns
 # 'reassoc' (it would fold the two-constant range reduction in _exp32). error_model='numpy' drops the
 # ZeroDivisionError check that otherwise keeps every loop with a division scalar.
 _JIT = dict(cache=True, fastmath={"contract"}, error_model="numpy", nogil=True)
-# Adam's update is bound by its per-element square root and division; 'arcp' and 'afn' let LLVM use
-# the reciprocal and square-root estimates refined by a Newton step (a few ulp, within the tolerances the
-# tests hold every kernel to). NaN and Inf still flow: no 'nnan' or 'ninf'.
+# 'arcp' turns Adam's division by the bias correction's root into a multiplication. The per-element
+# square root and division stay exact (vsqrtps, vdivps): LLVM takes its estimates (rcp14 and a Newton
+# step) only with 'ninf' too, and then the 784x400 update took 59 us instead of 50. NaN and Inf flow: no
+# 'nnan' or 'ninf'.
 _JIT_ADAM = dict(_JIT, fastmath={"contract", "arcp", "afn"})
 # Adam and the small-batch gradient matmuls also have parallel (prange) versions, which take every core
 # only while OpenBLAS's own threads are idle (see ``_pooled`` and kernels/config.py: next to OpenBLAS's
@@ -115,6 +116,41 @@ def _fma32(typingctx, a, b, c):
         return builder.call(fma, args)
 
     return types.float32(a, b, c), codegen
+
+
+@intrinsic
+def _decay32(typingctx, decay):
+    """AdamW's decoupled decay ``lr * weight_decay`` as the float32 the update multiplies by, or None for
+    none: the kernels take None where there is no weight decay (``_adam_constants``), and each Adam
+    kernel is then compiled without the decay's multiply-add (``_decayed``)."""
+    if isinstance(decay, types.NoneType):
+        return types.none(decay), lambda context, builder, signature, args: context.get_dummy_value()
+    if not isinstance(decay, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return context.cast(builder, args[0], signature.args[0], types.float32)
+
+    return types.float32(decay), codegen
+
+
+@intrinsic
+def _decayed(typingctx, step, p, wd):
+    """``step - wd * p`` (the float32 ``wd`` from ``_decay32``), or ``step`` where ``wd`` is None. Where
+    there is no decay, the multiply-add (which would give ``step`` again for a finite ``p``) is not
+    compiled at all: an Adam update with it took 9.7% longer at seed-b4's four layers (one process, in
+    turn, 29 of 30 rounds). A type, not a test of the value, so the loop has no branch."""
+    if isinstance(wd, types.NoneType):
+        return step(step, p, wd), lambda context, builder, signature, args: args[0]
+    if not (step == p == wd == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        # the flags Numba gives `step - wd * p` under 'contract': LLVM fuses them into one rounding
+        product = builder.fmul(args[2], args[1], flags=("contract",))
+        return builder.fsub(args[0], product, flags=("contract",))
+
+    return types.float32(step, p, wd), codegen
 
 
 @intrinsic
@@ -509,6 +545,7 @@ _SUM_BLOCK = 4096
 # the smallest normal float32 are therefore stored as 0 (what a flush-to-zero CPU mode would do); their
 # effect on a parameter is below 1e-30.
 _TINY = np.float32(np.finfo(np.float32).tiny)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @njit(**_JIT)
@@ -534,7 +571,7 @@ def _adam_element(p, m, v, g, b1, b2, m_scale, v_scale, lr_t, root, eps32, wd):
     v_i = _fma32(v_scale, g * g, b2 * v)
     m_i = m_i if abs(m_i) >= _TINY else _f(0.0)
     v_i = v_i if v_i >= _TINY else _f(0.0)
-    return p - lr_t * m_i / (math.sqrt(v_i) / root + eps32) - wd * p, m_i, v_i
+    return _decayed(p - lr_t * m_i / (math.sqrt(v_i) / root + eps32), p, wd), m_i, v_i
 
 
 @njit(**_JIT_ADAM)
@@ -556,7 +593,7 @@ def _adam_serial(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr
     """Updates every element; returns the sum of squares of the gradients it read (pre-clip)."""
     # float32 constants, as NumPy applies Python floats to float32 arrays in the reference
     b1, b2, m_scale, v_scale = _f(beta1), _f(beta2), _f(c1), _f(c2)
-    lr_t, root, eps32, wd = _f(step_size), _f(root_corr), _f(eps), _f(decay)
+    lr_t, root, eps32, wd = _f(step_size), _f(root_corr), _f(eps), _decay32(decay)
     total = 0.0
     for lo in range(0, params.size, _SUM_BLOCK):
         hi = lo + _SUM_BLOCK
@@ -616,10 +653,11 @@ def _check_blocks(blocks, n):
 
 
 def _adam_constants(step, lr, beta1, beta2, eps, weight_decay, scale):
-    """The scalars the Adam kernels take after the four buffers, with the gradient scaled by ``scale``."""
+    """The scalars the Adam kernels take after the four buffers, with the gradient scaled by ``scale``;
+    the decay None where there is none (see ``_decayed``)."""
     b1, b2 = float(beta1), float(beta2)
     return (b1, b2, (1.0 - b1) * scale, (1.0 - b2) * scale * scale, lr / (1.0 - b1 ** step),
-            math.sqrt(1.0 - b2 ** step), float(eps), lr * weight_decay)
+            math.sqrt(1.0 - b2 ** step), float(eps), lr * weight_decay if weight_decay else None)
 
 
 def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -1003,6 +1041,44 @@ def _bias_corrections(lr, beta1, beta2, count):
     return lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)
 
 
+@njit(**_JIT)
+def _dot64(a, b):
+    acc = 0.0
+    for k in range(a.size):
+        acc = _radd(acc, np.float64(a[k]) * np.float64(b[k]))
+    return acc
+
+
+@njit(**_JIT)
+def _weight_squares(x, d):
+    """The squared norm of the weight gradient ``x.T @ d`` of a small batch, from the batch's two Gram
+    matrices: sum over r, s of (x x.T)[r, s] (d d.T)[r, s], B^2 (n_in + n_out) products. Summed inside the
+    update instead, one more add per weight, the seed network's four layer updates took 7.4% longer (one
+    process, in turn, 30 of 30 rounds). Where the result is not finite or beyond float32's range, the
+    float32 gradient's own squares (``_weight_squares_direct``): a NaN or Inf reports as it did."""
+    n_rows = x.shape[0]
+    total = 0.0
+    for r in range(n_rows):
+        for s in range(r + 1):
+            term = _dot64(x[r], x[s]) * _dot64(d[r], d[s])
+            total += term if r == s else 2.0 * term
+    if not total <= _F32_MAX:                       # NaN too
+        return _weight_squares_direct(x, d)
+    return max(total, 0.0)                          # a sum of squares, rounding below zero at most
+
+
+@njit(**_JIT)
+def _weight_squares_direct(x, d):
+    total = 0.0
+    for i in range(x.shape[1]):
+        for j in range(d.shape[1]):
+            g = _f(0.0)
+            for r in range(x.shape[0]):
+                g += x[r, i] * d[r, j]
+            total += g * g                          # a float32 square: beyond ~1.8e19 it is Inf
+    return total
+
+
 # The fused small-batch update keeps this many rows of delta in registers: two blocks of four, the
 # rows past the batch zero (a larger config.CPU_SMALL_BATCH leaves its larger batches to the plain kernels).
 _REGISTER_ROWS = 8
@@ -1014,33 +1090,28 @@ def _rows_adam(xt, e, two_blocks, W, M, V, lo, hi, adam):
     ``xt[i] @ e[:, j]`` computed in registers and used at once: the weight gradient is never stored.
     ``xt`` (n_in, 8) and ``e`` (8, n_out) are x transposed and delta, zero past the batch (zero times
     zero: padding a real row of delta with x's zeros would turn an Inf into a NaN); ``adam`` the float32
-    constants ``_adam_element`` takes after the gradient. Returns the sum of squared gradients."""
+    constants ``_adam_element`` takes after the gradient. The gradient's squares are summed apart
+    (``_weight_squares``)."""
     e0, e1, e2, e3, e4, e5, e6, e7 = e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]
     b1, b2, m_scale, v_scale, lr_t, root, eps32, wd = adam
-    total = 0.0
     for i in range(lo, hi):
         a = xt[i]
         a0, a1, a2, a3, a4, a5, a6, a7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
         p, m, v = W[i], M[i], V[i]
-        acc = _f(0.0)
         # m and v stored before p: the other order made the 784x400 layer 48.8 us instead of 39.1
         if two_blocks:
             for j in range(p.size):
                 g = ((a0 * e0[j] + a1 * e1[j] + a2 * e2[j] + a3 * e3[j])
                      + (a4 * e4[j] + a5 * e5[j] + a6 * e6[j] + a7 * e7[j]))
-                acc = _radd(acc, g * g)
                 p_j, m[j], v[j] = _adam_element(p[j], m[j], v[j], g, b1, b2, m_scale, v_scale, lr_t, root,
                                                 eps32, wd)
                 p[j] = p_j
         else:                                     # a batch of at most 4: half the loads (seed-b4 1.2x faster)
             for j in range(p.size):
                 g = a0 * e0[j] + a1 * e1[j] + a2 * e2[j] + a3 * e3[j]
-                acc = _radd(acc, g * g)
                 p_j, m[j], v[j] = _adam_element(p[j], m[j], v[j], g, b1, b2, m_scale, v_scale, lr_t, root,
                                                 eps32, wd)
                 p[j] = p_j
-        total += acc
-    return total
 
 
 @njit(**_JIT_ADAM)
@@ -1053,9 +1124,7 @@ def _rows_adam_dx(xt, e, two_blocks, W, M, V, dx, lo, hi, adam):
     row views as ``_rows_adam`` (which a layer without dx keeps) indexes, measured no faster than the
     old pass, and its layer without dx slower (56 -> 60 us in the step, slow phase)."""
     b1, b2, m_scale, v_scale, lr_t, root, eps32, wd = adam
-    total = 0.0
     for i in range(lo, hi):
-        acc = _f(0.0)
         if two_blocks:
             a0, a1, a2, a3 = xt[i, 0], xt[i, 1], xt[i, 2], xt[i, 3]
             a4, a5, a6, a7 = xt[i, 4], xt[i, 5], xt[i, 6], xt[i, 7]
@@ -1067,7 +1136,6 @@ def _rows_adam_dx(xt, e, two_blocks, W, M, V, dx, lo, hi, adam):
                 s0, s1, s2, s3 = _radd(s0, f0 * w), _radd(s1, f1 * w), _radd(s2, f2 * w), _radd(s3, f3 * w)
                 s4, s5, s6, s7 = _radd(s4, f4 * w), _radd(s5, f5 * w), _radd(s6, f6 * w), _radd(s7, f7 * w)
                 g = (a0 * f0 + a1 * f1 + a2 * f2 + a3 * f3) + (a4 * f4 + a5 * f5 + a6 * f6 + a7 * f7)
-                acc = _radd(acc, g * g)
                 p_j, M[i, j], V[i, j] = _adam_element(w, M[i, j], V[i, j], g, b1, b2, m_scale, v_scale, lr_t, root,
                                                       eps32, wd)
                 W[i, j] = p_j
@@ -1080,15 +1148,12 @@ def _rows_adam_dx(xt, e, two_blocks, W, M, V, dx, lo, hi, adam):
                 f0, f1, f2, f3 = e[0, j], e[1, j], e[2, j], e[3, j]
                 s0, s1, s2, s3 = _radd(s0, f0 * w), _radd(s1, f1 * w), _radd(s2, f2 * w), _radd(s3, f3 * w)
                 g = a0 * f0 + a1 * f1 + a2 * f2 + a3 * f3
-                acc = _radd(acc, g * g)
                 p_j, M[i, j], V[i, j] = _adam_element(w, M[i, j], V[i, j], g, b1, b2, m_scale, v_scale, lr_t, root,
                                                       eps32, wd)
                 W[i, j] = p_j
             sums = (s0, s1, s2, s3, s0, s1, s2, s3)        # one block: rows 4-7 are never stored
         for r in range(dx.shape[0]):
             dx[r, i] = sums[r]
-        total += acc
-    return total
 
 
 @njit(**_JIT_PARALLEL)
@@ -1096,9 +1161,10 @@ def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, bet
                          eps, decay):
     """Chunk c updates rows c/_CHUNKS of W from their gradient, never stored (``_rows_adam``), and writes
     its columns of dx from W as it was, in the same pass (``_rows_adam_dx``; no dx when it has no rows)
-    -- and the last chunk the bias, whose gradient is in ``grads``; returns the sum of squared
-    gradients. ``pads`` is scratch for delta and x transposed, padded to _REGISTER_ROWS rows. A chunk is
-    the same whichever thread runs it.
+    -- and the last chunk the bias, whose gradient is in ``grads``, while the first sums the weight
+    gradient's squares (``_weight_squares``); returns the sum of squared gradients. ``pads`` is scratch
+    for delta and x transposed, padded to _REGISTER_ROWS rows. A chunk is the same whichever thread runs
+    it, and only those two add to the sum: it is the same on any number of threads.
 
     Not storing dW saves a write and a read for ownership of every weight's gradient: a seed-b4 step
     256 -> 235 us (one process, in turn; 30 of 30 alternations) against dW written into ``grads`` by the
@@ -1116,17 +1182,19 @@ def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, bet
         for j in range(n_out):
             e[r, j] = d[r, j] if r < n_rows else _f(0.0)
     M, V = m[offset:end].reshape((n_in, n_out)), v[offset:end].reshape((n_in, n_out))
-    adam = (_f(beta1), _f(beta2), _f(c1), _f(c2), _f(step_size), _f(root_corr), _f(eps), _f(decay))
+    adam = (_f(beta1), _f(beta2), _f(c1), _f(c2), _f(step_size), _f(root_corr), _f(eps), _decay32(decay))
     acc = 0.0
     for c in prange(_CHUNKS):
         lo, hi = c * n_in // _CHUNKS, (c + 1) * n_in // _CHUNKS
         for i in range(lo, hi):
             for r in range(_REGISTER_ROWS):
                 xt[i, r] = x[r, i] if r < n_rows else _f(0.0)
+        if c == 0:
+            acc += _weight_squares(x, d)
         if dx.shape[0]:
-            acc += _rows_adam_dx(xt, e, n_rows > 4, W, M, V, dx, lo, hi, adam)
+            _rows_adam_dx(xt, e, n_rows > 4, W, M, V, dx, lo, hi, adam)
         else:
-            acc += _rows_adam(xt, e, n_rows > 4, W, M, V, lo, hi, adam)
+            _rows_adam(xt, e, n_rows > 4, W, M, V, lo, hi, adam)
         if c == _CHUNKS - 1:
             acc += _adam_serial(params[end:end + n_out], grads[end:end + n_out], m[end:end + n_out],
                                 v[end:end + n_out], beta1, beta2, c1, c2, step_size, root_corr, eps, decay)
@@ -1616,7 +1684,7 @@ def _pool_is_fast():
     if not _POOL:
         p = np.zeros(64, np.float32)
         # starts the pool
-        _adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, 0.0, _whole_buffer(64), 2)
+        _adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, None, _whole_buffer(64), 2)
         _POOL.append(get_num_threads() > 1 and threading_layer() in config.FAST_LAYERS)
     return _POOL[0]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numba import types as numba_types
 
 import kernels
 from kernels import cpu
@@ -376,6 +377,24 @@ def test_adam_by_layer_rows_updates_every_element_as_the_flat_kernel(rng, monkey
     np.testing.assert_allclose(serial_state[0], ref[0], rtol=RTOL, atol=1e-6)
 
 
+def test_adam_without_weight_decay_is_compiled_without_it_and_gives_the_same_bits(rng):
+    """No weight decay reaches the kernels as None (``_adam_constants``), which compiles the update
+    without the decay's multiply-add: the same bits as a decay of 0.0, and another compiled signature."""
+    n = 10_000
+    params, grads, m, v = f32(rng, n), f32(rng, n, 0.1), f32(rng, n, 0.01), np.abs(f32(rng, n, 0.01))
+    constants = cpu._adam_constants(3, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1.0)
+    assert constants[-1] is None
+    runs = []
+    for decay in (None, 0.0):
+        state = [a.copy() for a in (params, grads, m, v)]
+        runs.append((cpu._adam_serial(*state, *constants[:-1], decay), state))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        np.testing.assert_array_equal(a, b)
+    decays = {sig[-1] for sig in cpu._adam_serial.signatures}
+    assert {numba_types.none, numba_types.float64} <= decays
+
+
 @pytest.mark.parametrize("blocks", [np.array([[0, 3, 4]], np.int64),                # covers 16 of 20
                                     np.array([[0, 3, 4], [17, 0, 1]], np.int64),     # a gap, n_in 0
                                     np.array([[0, 3, 5]], np.int32),                 # not int64
@@ -469,6 +488,33 @@ def test_fused_layer_update_reports_nan_and_inf_gradients(rng, monkeypatch, bad)
     delta[2, 7] = bad
     squares, _, _ = _run_layer(cpu.layer_backward_adam_cpu, x, delta, state, block, True)
     assert math.isnan(squares) if np.isnan(bad) else math.isinf(squares)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8])
+def test_weight_squares_from_the_gram_matrices_are_the_gradients_squares(rng, batch):
+    """The fused update's weight-gradient norm comes from x x.T and d d.T, not from the gradient."""
+    x, d = f32(rng, (batch, 300)), f32(rng, (batch, 70), 0.1)
+    g = x.astype(np.float64).T @ d.astype(np.float64)
+    assert cpu._weight_squares(x, d) == pytest.approx(float(np.sum(g * g)), rel=1e-12)
+
+
+def test_weight_squares_of_a_gradient_that_cancels_are_zero_not_negative(rng):
+    """Two equal images with opposite deltas: the gradient is exactly 0, the Gram terms are not."""
+    x, d = np.repeat(f32(rng, (1, 300)), 2, axis=0), f32(rng, (1, 70), 0.1)
+    d = np.concatenate([d, -d])
+    squares = cpu._weight_squares(x, d)
+    assert 0.0 <= squares <= 1e-9 * float(np.sum(x[0] ** 2)) * float(np.sum(d[0] ** 2))
+
+
+def test_fused_layer_update_reports_an_overflowing_gradient_as_inf(rng, monkeypatch):
+    """Finite inputs whose gradient element passes float32's range: Inf, as the reference's float32 dW."""
+    _set_pool_mode(monkeypatch, "pooled-all-threads")
+    x, delta, state, block = _layer_state(rng, 30, 20, 4)
+    x[1, 3], delta[1, 5] = 1e20, 1e20
+    squares, _, _ = _run_layer(cpu.layer_backward_adam_cpu, x, delta, state, block, True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares_ref, _, _ = _run_layer(layer_backward_adam_reference, x, delta, state, block, True)
+    assert math.isinf(squares) and math.isinf(squares_ref)
 
 
 def test_fused_layer_update_refuses_what_it_cannot_do(rng):
