@@ -154,6 +154,24 @@ def _decayed(typingctx, step, p, wd):
 
 
 @intrinsic
+def _flushed(typingctx, x, tiny):
+    """``x``, or 0 where ``|x| < tiny`` (NaN too); ``x`` itself where ``tiny`` is None, with no compare
+    compiled (``_FLUSH_EVERY``)."""
+    if isinstance(tiny, types.NoneType):
+        return x(x, tiny), lambda context, builder, signature, args: args[0]
+    if not (x == tiny == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32]), "llvm.fabs.f32")
+        keep = builder.fcmp_ordered(">=", builder.call(fabs, [args[0]]), args[1])
+        return builder.select(keep, args[0], ir.Constant(f32, 0.0))
+
+    return types.float32(x, tiny), codegen
+
+
+@intrinsic
 def _pow2i(typingctx, k):
     """``2.0 ** k`` as float32 for an integer ``k`` in [-126, 127], by writing the exponent bits."""
     if not isinstance(k, types.Integer):
@@ -543,8 +561,14 @@ _SUM_BLOCK = 4096
 # border pixel that is always 0): m reaches float32's subnormal range after ~850 steps, and arithmetic
 # on subnormals is microcoded -- it made the whole update 1.6x slower in a seed-b4 run. Moments below
 # the smallest normal float32 are therefore stored as 0 (what a flush-to-zero CPU mode would do); their
-# effect on a parameter is below 1e-30.
+# effect on a parameter is below 1e-30. Only every _FLUSH_EVERY-th step does it, the others compiled
+# without the compares: a moment is then subnormal for at most _FLUSH_EVERY - 1 steps before it is 0
+# (and stays 0 while its gradient does). The compares made seed-b4's four layer updates 1.15x slower
+# than none at all; flushing every 16th step, the whole step ran 1.049x faster than flushing in every
+# one (one process, in turn, 22 of 24 rounds), and three MNIST epochs of `train --preset seed` ended on
+# the same weights and v, 216 of 869,184 m subnormal instead of 0.
 _TINY = np.float32(np.finfo(np.float32).tiny)
+_FLUSH_EVERY = 16
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -565,23 +589,21 @@ def _sum_squares(a):
 
 
 @njit(inline="always", **_JIT_ADAM)
-def _adam_element(p, m, v, g, b1, b2, m_scale, v_scale, lr_t, root, eps32, wd):
+def _adam_element(p, m, v, g, b1, b2, m_scale, v_scale, lr_t, root, eps32, wd, tiny):
     """One parameter's (p, m, v) after the update from its gradient ``g``."""
-    m_i = _fma32(m_scale, g, b1 * m)
-    v_i = _fma32(v_scale, g * g, b2 * v)
-    m_i = m_i if abs(m_i) >= _TINY else _f(0.0)
-    v_i = v_i if v_i >= _TINY else _f(0.0)
+    m_i = _flushed(_fma32(m_scale, g, b1 * m), tiny)
+    v_i = _flushed(_fma32(v_scale, g * g, b2 * v), tiny)
     return _decayed(p - lr_t * m_i / (math.sqrt(v_i) / root + eps32), p, wd), m_i, v_i
 
 
 @njit(**_JIT_ADAM)
-def _adam_block(params, grads, m, v, b1, b2, m_scale, v_scale, lr_t, root, eps32, wd):
+def _adam_block(params, grads, m, v, b1, b2, m_scale, v_scale, lr_t, root, eps32, wd, tiny):
     acc = _f(0.0)
     for i in range(params.size):
         g = grads[i]
         acc = _radd(acc, g * g)
         p_i, m_i, v_i = _adam_element(params[i], m[i], v[i], g, b1, b2, m_scale, v_scale, lr_t, root,
-                                      eps32, wd)
+                                      eps32, wd, tiny)
         m[i] = m_i
         v[i] = v_i
         params[i] = p_i
@@ -589,8 +611,9 @@ def _adam_block(params, grads, m, v, b1, b2, m_scale, v_scale, lr_t, root, eps32
 
 
 @njit(**_JIT_ADAM)
-def _adam_serial(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay):
-    """Updates every element; returns the sum of squares of the gradients it read (pre-clip)."""
+def _adam_serial(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, tiny):
+    """Updates every element; returns the sum of squares of the gradients it read (pre-clip). ``tiny``:
+    ``_TINY`` where this step flushes subnormal moments, else None (``_flush_tiny``)."""
     # float32 constants, as NumPy applies Python floats to float32 arrays in the reference
     b1, b2, m_scale, v_scale = _f(beta1), _f(beta2), _f(c1), _f(c2)
     lr_t, root, eps32, wd = _f(step_size), _f(root_corr), _f(eps), _decay32(decay)
@@ -598,12 +621,12 @@ def _adam_serial(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr
     for lo in range(0, params.size, _SUM_BLOCK):
         hi = lo + _SUM_BLOCK
         total += _adam_block(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], b1, b2, m_scale, v_scale,
-                             lr_t, root, eps32, wd)
+                             lr_t, root, eps32, wd, tiny)
     return total
 
 
 @njit(**_JIT_PARALLEL)
-def _adam_parallel(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, blocks,
+def _adam_parallel(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, tiny, blocks,
                    n_chunks):
     """Chunk c updates the c-th range of rows of every layer's W -- the rows that chunk c of the
     small-batch gradient kernels wrote, on the same thread -- and the last chunk the biases too. The
@@ -616,7 +639,7 @@ def _adam_parallel(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_co
             lo = offset + c * n_in // n_chunks * n_out
             hi = offset + ((c + 1) * n_in // n_chunks + (c == n_chunks - 1)) * n_out
             acc += _adam_serial(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], beta1, beta2, c1, c2,
-                                step_size, root_corr, eps, decay)
+                                step_size, root_corr, eps, decay, tiny)
     return acc
 
 
@@ -660,12 +683,18 @@ def _adam_constants(step, lr, beta1, beta2, eps, weight_decay, scale):
             math.sqrt(1.0 - b2 ** step), float(eps), lr * weight_decay if weight_decay else None)
 
 
+def _flush_tiny(step):
+    """What the Adam kernels take as ``tiny`` at this step (``_FLUSH_EVERY``)."""
+    return _TINY if step % _FLUSH_EVERY == 0 else None
+
+
 def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                   weight_decay=0.0, clip_norm=0.0, blocks=None):
     """One pass over the buffers (two when clipping: the norm must be known first).
 
     The update runs in float32 with the reference's constants, flushing subnormal moments to zero
-    (see ``_TINY``); the norm is summed in float32 blocks added in float64 (see ``_SUM_BLOCK``).
+    every ``_FLUSH_EVERY``-th step; the norm is summed in float32 blocks added in float64 (see
+    ``_SUM_BLOCK``).
     Over every core while OpenBLAS's threads are idle (see ``_pooled``): given the layers' ``blocks``,
     each thread takes the rows of every layer that the small-batch gradient kernels gave it (see
     kernels/config.py: in the machine's slow phases that made a seed-b4 step 352 us instead of 541).
@@ -681,7 +710,8 @@ def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-
         scale = ratio if ratio < 1.0 else 1.0      # a NaN norm leaves scale at 1, as min(1, nan) does
     else:
         norm, scale = None, 1.0
-    args = (params, grads, m, v, *_adam_constants(step, lr, beta1, beta2, eps, weight_decay, scale))
+    args = (params, grads, m, v, *_adam_constants(step, lr, beta1, beta2, eps, weight_decay, scale),
+            _flush_tiny(step))
     if pooled:
         sq = _pooled(_adam_parallel, *args, _whole_buffer(params.size) if blocks is None else blocks, _CHUNKS)
     else:
@@ -1041,6 +1071,24 @@ def _bias_corrections(lr, beta1, beta2, count):
     return lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)
 
 
+@njit(inline="always", **_JIT)
+def _flushes(count):
+    """Whether Adam's step in the knob ``count`` flushes subnormal moments (``_FLUSH_EVERY``)."""
+    return count[0] % _FLUSH_EVERY == 0
+
+
+@njit(inline="always", **_JIT_ADAM)
+def _adam_slice(params, grads, m, v, lo, hi, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, flush):
+    """``_adam_serial`` on elements lo..hi, flushing where ``flush`` (``_flushes``): two calls, each
+    compiled for its ``tiny``."""
+    block = slice(lo, hi)
+    if flush:
+        return _adam_serial(params[block], grads[block], m[block], v[block], beta1, beta2, c1, c2, step_size,
+                            root_corr, eps, decay, _TINY)
+    return _adam_serial(params[block], grads[block], m[block], v[block], beta1, beta2, c1, c2, step_size,
+                        root_corr, eps, decay, None)
+
+
 @njit(**_JIT)
 def _dot64(a, b):
     acc = 0.0
@@ -1093,7 +1141,7 @@ def _rows_adam(xt, e, two_blocks, W, M, V, lo, hi, adam):
     constants ``_adam_element`` takes after the gradient. The gradient's squares are summed apart
     (``_weight_squares``)."""
     e0, e1, e2, e3, e4, e5, e6, e7 = e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]
-    b1, b2, m_scale, v_scale, lr_t, root, eps32, wd = adam
+    b1, b2, m_scale, v_scale, lr_t, root, eps32, wd, tiny = adam
     for i in range(lo, hi):
         a = xt[i]
         a0, a1, a2, a3, a4, a5, a6, a7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
@@ -1104,13 +1152,13 @@ def _rows_adam(xt, e, two_blocks, W, M, V, lo, hi, adam):
                 g = ((a0 * e0[j] + a1 * e1[j] + a2 * e2[j] + a3 * e3[j])
                      + (a4 * e4[j] + a5 * e5[j] + a6 * e6[j] + a7 * e7[j]))
                 p_j, m[j], v[j] = _adam_element(p[j], m[j], v[j], g, b1, b2, m_scale, v_scale, lr_t, root,
-                                                eps32, wd)
+                                                eps32, wd, tiny)
                 p[j] = p_j
         else:                                     # a batch of at most 4: half the loads (seed-b4 1.2x faster)
             for j in range(p.size):
                 g = a0 * e0[j] + a1 * e1[j] + a2 * e2[j] + a3 * e3[j]
                 p_j, m[j], v[j] = _adam_element(p[j], m[j], v[j], g, b1, b2, m_scale, v_scale, lr_t, root,
-                                                eps32, wd)
+                                                eps32, wd, tiny)
                 p[j] = p_j
 
 
@@ -1123,7 +1171,7 @@ def _rows_adam_dx(xt, e, two_blocks, W, M, V, dx, lo, hi, adam):
     A function of its own, indexing W, M and V in two dimensions: one function for both cases, through
     row views as ``_rows_adam`` (which a layer without dx keeps) indexes, measured no faster than the
     old pass, and its layer without dx slower (56 -> 60 us in the step, slow phase)."""
-    b1, b2, m_scale, v_scale, lr_t, root, eps32, wd = adam
+    b1, b2, m_scale, v_scale, lr_t, root, eps32, wd, tiny = adam
     for i in range(lo, hi):
         if two_blocks:
             a0, a1, a2, a3 = xt[i, 0], xt[i, 1], xt[i, 2], xt[i, 3]
@@ -1137,7 +1185,7 @@ def _rows_adam_dx(xt, e, two_blocks, W, M, V, dx, lo, hi, adam):
                 s4, s5, s6, s7 = _radd(s4, f4 * w), _radd(s5, f5 * w), _radd(s6, f6 * w), _radd(s7, f7 * w)
                 g = (a0 * f0 + a1 * f1 + a2 * f2 + a3 * f3) + (a4 * f4 + a5 * f5 + a6 * f6 + a7 * f7)
                 p_j, M[i, j], V[i, j] = _adam_element(w, M[i, j], V[i, j], g, b1, b2, m_scale, v_scale, lr_t, root,
-                                                      eps32, wd)
+                                                      eps32, wd, tiny)
                 W[i, j] = p_j
             sums = (s0, s1, s2, s3, s4, s5, s6, s7)
         else:
@@ -1149,7 +1197,7 @@ def _rows_adam_dx(xt, e, two_blocks, W, M, V, dx, lo, hi, adam):
                 s0, s1, s2, s3 = _radd(s0, f0 * w), _radd(s1, f1 * w), _radd(s2, f2 * w), _radd(s3, f3 * w)
                 g = a0 * f0 + a1 * f1 + a2 * f2 + a3 * f3
                 p_j, M[i, j], V[i, j] = _adam_element(w, M[i, j], V[i, j], g, b1, b2, m_scale, v_scale, lr_t, root,
-                                                      eps32, wd)
+                                                      eps32, wd, tiny)
                 W[i, j] = p_j
             sums = (s0, s1, s2, s3, s0, s1, s2, s3)        # one block: rows 4-7 are never stored
         for r in range(dx.shape[0]):
@@ -1183,6 +1231,8 @@ def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, bet
             e[r, j] = d[r, j] if r < n_rows else _f(0.0)
     M, V = m[offset:end].reshape((n_in, n_out)), v[offset:end].reshape((n_in, n_out))
     adam = (_f(beta1), _f(beta2), _f(c1), _f(c2), _f(step_size), _f(root_corr), _f(eps), _decay32(decay))
+    flush = _flushes(count)
+    flushing, keeping = adam + (_TINY,), adam + (None,)      # two compiled loops: see _FLUSH_EVERY
     acc = 0.0
     for c in prange(_CHUNKS):
         lo, hi = c * n_in // _CHUNKS, (c + 1) * n_in // _CHUNKS
@@ -1191,13 +1241,17 @@ def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, bet
                 xt[i, r] = x[r, i] if r < n_rows else _f(0.0)
         if c == 0:
             acc += _weight_squares(x, d)
-        if dx.shape[0]:
-            _rows_adam_dx(xt, e, n_rows > 4, W, M, V, dx, lo, hi, adam)
+        if dx.shape[0] and flush:
+            _rows_adam_dx(xt, e, n_rows > 4, W, M, V, dx, lo, hi, flushing)
+        elif dx.shape[0]:
+            _rows_adam_dx(xt, e, n_rows > 4, W, M, V, dx, lo, hi, keeping)
+        elif flush:
+            _rows_adam(xt, e, n_rows > 4, W, M, V, lo, hi, flushing)
         else:
-            _rows_adam(xt, e, n_rows > 4, W, M, V, lo, hi, adam)
+            _rows_adam(xt, e, n_rows > 4, W, M, V, lo, hi, keeping)
         if c == _CHUNKS - 1:
-            acc += _adam_serial(params[end:end + n_out], grads[end:end + n_out], m[end:end + n_out],
-                                v[end:end + n_out], beta1, beta2, c1, c2, step_size, root_corr, eps, decay)
+            acc += _adam_slice(params, grads, m, v, end, end + n_out, beta1, beta2, c1, c2, step_size, root_corr,
+                               eps, decay, flush)
     return acc
 
 
@@ -1240,8 +1294,8 @@ def _layer_parts_adam(sgemm, scratch, x, d, params, grads, m, v, offset, n_out, 
             blas_pool._run_part(sgemm, q, n_parts, False, d, 0, W, 1, dx)      # columns of dx = d @ W.T
         blas_pool._run_part(sgemm, q, n_parts, True, x, 1, d, 0, dW)           # rows of dW = x.T @ d
         first, last = offset + lo * n_out, offset + (hi + (q == n_parts - 1)) * n_out
-        acc += _adam_serial(params[first:last], grads[first:last], m[first:last], v[first:last], beta1, beta2,
-                            c1, c2, step_size, root_corr, eps, decay)
+        acc += _adam_slice(params, grads, m, v, first, last, beta1, beta2, c1, c2, step_size, root_corr, eps,
+                           decay, _flushes(count))
     return acc
 
 
@@ -1262,8 +1316,8 @@ def _layer_pair_adam(sgemm, x, d, params, grads, m, v, offset, n_out, dx, beta1,
             blas_pool._run_part(sgemm, 0, 1, True, x, 1, d, 0, dW)
         else:
             blas_pool._run_part(sgemm, 0, 1, False, d, 0, W, 1, dx)
-    return _adam_serial(params[offset:end + n_out], grads[offset:end + n_out], m[offset:end + n_out],
-                        v[offset:end + n_out], beta1, beta2, c1, c2, step_size, root_corr, eps, decay)
+    return _adam_slice(params, grads, m, v, offset, end + n_out, beta1, beta2, c1, c2, step_size, root_corr, eps,
+                       decay, _flushes(count))
 
 
 @njit(**_JIT)
@@ -1684,7 +1738,7 @@ def _pool_is_fast():
     if not _POOL:
         p = np.zeros(64, np.float32)
         # starts the pool
-        _adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, None, _whole_buffer(64), 2)
+        _adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, None, None, _whole_buffer(64), 2)
         _POOL.append(get_num_threads() > 1 and threading_layer() in config.FAST_LAYERS)
     return _POOL[0]
 
@@ -1709,9 +1763,10 @@ def warm_up():
         bias_act_cpu(b, a[0], activation)
         bias_act_backward_cpu(a, b, activation, np.empty_like(a), np.empty(4, np.float32))
     p = np.zeros(16, np.float32)
-    adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3)
-    adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3, clip_norm=1.0)
-    adam_step_cpu(p, p.copy(), p.copy(), p.copy(), 1, 1e-3, blocks=np.array([[0, 3, 4]], np.int64))
+    for step in (1, _FLUSH_EVERY):                      # a step that keeps subnormal moments, one that flushes
+        adam_step_cpu(p, p.copy(), p.copy(), p.copy(), step, 1e-3)
+        adam_step_cpu(p, p.copy(), p.copy(), p.copy(), step, 1e-3, clip_norm=1.0)
+        adam_step_cpu(p, p.copy(), p.copy(), p.copy(), step, 1e-3, blocks=np.array([[0, 3, 4]], np.int64))
     x, w, d = np.ones((5, 4), np.float32), np.ones((4, 3), np.float32), np.ones((5, 3), np.float32)
     _rows_times(x, w, np.empty((5, 3), np.float32))
     _rank_update(x, d, np.empty((4, 3), np.float32), 0, 4)

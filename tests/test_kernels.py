@@ -387,11 +387,11 @@ def test_adam_without_weight_decay_is_compiled_without_it_and_gives_the_same_bit
     runs = []
     for decay in (None, 0.0):
         state = [a.copy() for a in (params, grads, m, v)]
-        runs.append((cpu._adam_serial(*state, *constants[:-1], decay), state))
+        runs.append((cpu._adam_serial(*state, *constants[:-1], decay, None), state))
     assert runs[0][0] == runs[1][0]
     for a, b in zip(runs[0][1], runs[1][1]):
         np.testing.assert_array_equal(a, b)
-    decays = {sig[-1] for sig in cpu._adam_serial.signatures}
+    decays = {sig[-2] for sig in cpu._adam_serial.signatures}
     assert {numba_types.none, numba_types.float64} <= decays
 
 
@@ -558,21 +558,50 @@ def test_bernoulli_loss_gives_the_same_bits_on_one_thread_or_all(rng, monkeypatc
         np.testing.assert_array_equal(grad, runs[0][1])
 
 
-def test_adam_flushes_subnormal_moments_to_zero():
+@pytest.mark.parametrize("mode", POOL_MODES)
+def test_adam_flushes_subnormal_moments_to_zero_every_few_steps(monkeypatch, mode):
     """Where the gradient stays 0, m decays by beta1 per step into float32's subnormal range, where
-    arithmetic is slow; the CPU kernel stores 0 instead, and keeps every normal value as the reference."""
+    arithmetic is slow; every cpu._FLUSH_EVERY-th step the CPU kernel stores 0 instead, and keeps every
+    normal value as the reference. The steps between keep the reference's subnormals, bit for bit."""
+    _set_pool_mode(monkeypatch, mode)
     tiny = np.finfo(np.float32).tiny
-    m = np.array([1.1 * tiny, 0.5 * tiny, 1e-3, -1.05 * tiny], np.float32)    # 0.9 m is subnormal
-    v = np.array([1.0005 * tiny, 1e-6, 1e-6, 0.5 * tiny], np.float32)         # 0.999 v is subnormal
-    params, grads = np.ones(4, np.float32), np.zeros(4, np.float32)
-    ref = [params.copy(), m.copy(), v.copy()]
-    cpu.adam_step_cpu(params, grads, m, v, 5, 1e-3)
-    adam_step_reference(ref[0], grads, ref[1], ref[2], 5, 1e-3)
-    assert np.all(ref[1][[0, 1, 3]] != 0) and np.all(m[[0, 1, 3]] == 0)      # subnormal in the reference
-    assert v[0] == 0 and v[3] == 0 and ref[2][0] != 0
-    np.testing.assert_allclose(m[2], ref[1][2], rtol=RTOL)
-    np.testing.assert_allclose(v[1:3], ref[2][1:3], rtol=RTOL)
-    np.testing.assert_allclose(params, ref[0], rtol=RTOL)                  # the flushed terms moved nothing
+    n = 1 << 19                                       # above ADAM_PARALLEL_MIN: the parallel kernel too
+    m = np.resize(np.array([1.1 * tiny, 0.5 * tiny, 1e-3, -1.05 * tiny], np.float32), n)   # 0.9 m subnormal
+    v = np.resize(np.array([1.0005 * tiny, 1e-6, 1e-6, 0.5 * tiny], np.float32), n)        # 0.999 v subnormal
+    params, grads = np.ones(n, np.float32), np.zeros(n, np.float32)
+    for step in (cpu._FLUSH_EVERY - 1, cpu._FLUSH_EVERY):
+        out, ref = [params.copy(), m.copy(), v.copy()], [params.copy(), m.copy(), v.copy()]
+        cpu.adam_step_cpu(out[0], grads, out[1], out[2], step, 1e-3)
+        adam_step_reference(ref[0], grads, ref[1], ref[2], step, 1e-3)
+        assert np.all(ref[1][:4][[0, 1, 3]] != 0) and ref[2][0] != 0          # subnormal in the reference
+        if step % cpu._FLUSH_EVERY:
+            np.testing.assert_array_equal(out[1], ref[1])
+            np.testing.assert_array_equal(out[2], ref[2])
+        else:
+            assert np.all(out[1][:4][[0, 1, 3]] == 0) and out[2][0] == 0 and out[2][3] == 0
+            np.testing.assert_allclose(out[1][2::4], ref[1][2::4], rtol=RTOL)
+            np.testing.assert_allclose(out[2][1::4], ref[2][1::4], rtol=RTOL)
+        np.testing.assert_allclose(out[0], ref[0], rtol=RTOL)                  # the flushed terms moved nothing
+
+
+def test_fused_layer_update_flushes_on_the_step_its_knob_says(rng, monkeypatch):
+    """The small-batch update reads Adam's step from its knob and flushes on every cpu._FLUSH_EVERY-th:
+    a replayed step decides when it runs, not when it was recorded."""
+    _set_pool_mode(monkeypatch, "pooled-all-threads")
+    x, delta, state, (offset, n_in, n_out) = _layer_state(rng, 40, 24, 4)
+    x[:, 7] = 0                                       # row 7 of W gets no gradient
+    row = slice(offset + 7 * n_out, offset + 8 * n_out)
+    state[2][row] = 1.05 * np.finfo(np.float32).tiny  # m: 0.9 m is subnormal
+    count = np.empty(1)
+    for step in (cpu._FLUSH_EVERY - 1, cpu._FLUSH_EVERY, 2 * cpu._FLUSH_EVERY + 1):
+        count[0] = step
+        out = [a.copy() for a in state]
+        cpu.layer_backward_adam_cpu(x, delta, *out, (offset, n_in, n_out), None, count, 1e-3)
+        m_row = out[2][row]
+        if step % cpu._FLUSH_EVERY:
+            assert np.all(m_row != 0) and np.all(np.abs(m_row) < np.finfo(np.float32).tiny)
+        else:
+            assert np.all(m_row == 0)
 
 
 def test_adam_norm_sums_many_blocks_accurately(rng):
