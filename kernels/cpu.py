@@ -572,6 +572,13 @@ _FLUSH_EVERY = 16
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
+@njit(inline="always", **_JIT)
+def _flushes(step):
+    """Whether Adam's step ``step`` flushes subnormal moments (``_FLUSH_EVERY``); the fused kernels ask
+    it of the step in their knob when they run."""
+    return step % _FLUSH_EVERY == 0
+
+
 @njit(**_JIT)
 def _sum_squares_block(a):
     acc = _f(0.0)
@@ -611,22 +618,26 @@ def _adam_block(params, grads, m, v, b1, b2, m_scale, v_scale, lr_t, root, eps32
 
 
 @njit(**_JIT_ADAM)
-def _adam_serial(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, tiny):
-    """Updates every element; returns the sum of squares of the gradients it read (pre-clip). ``tiny``:
-    ``_TINY`` where this step flushes subnormal moments, else None (``_flush_tiny``)."""
+def _adam_serial(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, flush):
+    """Updates every element; returns the sum of squares of the gradients it read (pre-clip). ``flush``:
+    whether this step flushes subnormal moments (``_flushes``), each way its own compiled loop."""
     # float32 constants, as NumPy applies Python floats to float32 arrays in the reference
     b1, b2, m_scale, v_scale = _f(beta1), _f(beta2), _f(c1), _f(c2)
     lr_t, root, eps32, wd = _f(step_size), _f(root_corr), _f(eps), _decay32(decay)
     total = 0.0
     for lo in range(0, params.size, _SUM_BLOCK):
         hi = lo + _SUM_BLOCK
-        total += _adam_block(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], b1, b2, m_scale, v_scale,
-                             lr_t, root, eps32, wd, tiny)
+        if flush:
+            total += _adam_block(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], b1, b2, m_scale, v_scale,
+                                 lr_t, root, eps32, wd, _TINY)
+        else:
+            total += _adam_block(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], b1, b2, m_scale, v_scale,
+                                 lr_t, root, eps32, wd, None)
     return total
 
 
 @njit(**_JIT_PARALLEL)
-def _adam_parallel(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, tiny, blocks,
+def _adam_parallel(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, flush, blocks,
                    n_chunks):
     """Chunk c updates the c-th range of rows of every layer's W -- the rows that chunk c of the
     small-batch gradient kernels wrote, on the same thread -- and the last chunk the biases too. The
@@ -639,7 +650,7 @@ def _adam_parallel(params, grads, m, v, beta1, beta2, c1, c2, step_size, root_co
             lo = offset + c * n_in // n_chunks * n_out
             hi = offset + ((c + 1) * n_in // n_chunks + (c == n_chunks - 1)) * n_out
             acc += _adam_serial(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], beta1, beta2, c1, c2,
-                                step_size, root_corr, eps, decay, tiny)
+                                step_size, root_corr, eps, decay, flush)
     return acc
 
 
@@ -683,11 +694,6 @@ def _adam_constants(step, lr, beta1, beta2, eps, weight_decay, scale):
             math.sqrt(1.0 - b2 ** step), float(eps), lr * weight_decay if weight_decay else None)
 
 
-def _flush_tiny(step):
-    """What the Adam kernels take as ``tiny`` at this step (``_FLUSH_EVERY``)."""
-    return _TINY if step % _FLUSH_EVERY == 0 else None
-
-
 def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                   weight_decay=0.0, clip_norm=0.0, blocks=None):
     """One pass over the buffers (two when clipping: the norm must be known first).
@@ -711,7 +717,7 @@ def adam_step_cpu(params, grads, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-
     else:
         norm, scale = None, 1.0
     args = (params, grads, m, v, *_adam_constants(step, lr, beta1, beta2, eps, weight_decay, scale),
-            _flush_tiny(step))
+            _flushes(step))
     if pooled:
         sq = _pooled(_adam_parallel, *args, _whole_buffer(params.size) if blocks is None else blocks, _CHUNKS)
     else:
@@ -1071,24 +1077,6 @@ def _bias_corrections(lr, beta1, beta2, count):
     return lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)
 
 
-@njit(inline="always", **_JIT)
-def _flushes(count):
-    """Whether Adam's step in the knob ``count`` flushes subnormal moments (``_FLUSH_EVERY``)."""
-    return count[0] % _FLUSH_EVERY == 0
-
-
-@njit(inline="always", **_JIT_ADAM)
-def _adam_slice(params, grads, m, v, lo, hi, beta1, beta2, c1, c2, step_size, root_corr, eps, decay, flush):
-    """``_adam_serial`` on elements lo..hi, flushing where ``flush`` (``_flushes``): two calls, each
-    compiled for its ``tiny``."""
-    block = slice(lo, hi)
-    if flush:
-        return _adam_serial(params[block], grads[block], m[block], v[block], beta1, beta2, c1, c2, step_size,
-                            root_corr, eps, decay, _TINY)
-    return _adam_serial(params[block], grads[block], m[block], v[block], beta1, beta2, c1, c2, step_size,
-                        root_corr, eps, decay, None)
-
-
 @njit(**_JIT)
 def _dot64(a, b):
     acc = 0.0
@@ -1204,6 +1192,15 @@ def _rows_adam_dx(xt, e, two_blocks, W, M, V, dx, lo, hi, adam):
             dx[r, i] = sums[r]
 
 
+@njit(inline="always", **_JIT_ADAM)
+def _update_rows(xt, e, two_blocks, W, M, V, dx, lo, hi, adam):
+    """``_rows_adam_dx``, or ``_rows_adam`` for a layer whose dx has no rows."""
+    if dx.shape[0]:
+        _rows_adam_dx(xt, e, two_blocks, W, M, V, dx, lo, hi, adam)
+    else:
+        _rows_adam(xt, e, two_blocks, W, M, V, lo, hi, adam)
+
+
 @njit(**_JIT_PARALLEL)
 def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, beta1, beta2, c1, c2, lr, count,
                          eps, decay):
@@ -1231,8 +1228,7 @@ def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, bet
             e[r, j] = d[r, j] if r < n_rows else _f(0.0)
     M, V = m[offset:end].reshape((n_in, n_out)), v[offset:end].reshape((n_in, n_out))
     adam = (_f(beta1), _f(beta2), _f(c1), _f(c2), _f(step_size), _f(root_corr), _f(eps), _decay32(decay))
-    flush = _flushes(count)
-    flushing, keeping = adam + (_TINY,), adam + (None,)      # two compiled loops: see _FLUSH_EVERY
+    flush = _flushes(count[0])
     acc = 0.0
     for c in prange(_CHUNKS):
         lo, hi = c * n_in // _CHUNKS, (c + 1) * n_in // _CHUNKS
@@ -1241,17 +1237,13 @@ def _layer_backward_adam(x, d, pads, params, grads, m, v, offset, n_out, dx, bet
                 xt[i, r] = x[r, i] if r < n_rows else _f(0.0)
         if c == 0:
             acc += _weight_squares(x, d)
-        if dx.shape[0] and flush:
-            _rows_adam_dx(xt, e, n_rows > 4, W, M, V, dx, lo, hi, flushing)
-        elif dx.shape[0]:
-            _rows_adam_dx(xt, e, n_rows > 4, W, M, V, dx, lo, hi, keeping)
-        elif flush:
-            _rows_adam(xt, e, n_rows > 4, W, M, V, lo, hi, flushing)
+        if flush:                                 # two compiled loops: see _FLUSH_EVERY
+            _update_rows(xt, e, n_rows > 4, W, M, V, dx, lo, hi, adam + (_TINY,))
         else:
-            _rows_adam(xt, e, n_rows > 4, W, M, V, lo, hi, keeping)
+            _update_rows(xt, e, n_rows > 4, W, M, V, dx, lo, hi, adam + (None,))
         if c == _CHUNKS - 1:
-            acc += _adam_slice(params, grads, m, v, end, end + n_out, beta1, beta2, c1, c2, step_size, root_corr,
-                               eps, decay, flush)
+            acc += _adam_serial(params[end:end + n_out], grads[end:end + n_out], m[end:end + n_out],
+                                v[end:end + n_out], beta1, beta2, c1, c2, step_size, root_corr, eps, decay, flush)
     return acc
 
 
@@ -1294,8 +1286,8 @@ def _layer_parts_adam(sgemm, scratch, x, d, params, grads, m, v, offset, n_out, 
             blas_pool._run_part(sgemm, q, n_parts, False, d, 0, W, 1, dx)      # columns of dx = d @ W.T
         blas_pool._run_part(sgemm, q, n_parts, True, x, 1, d, 0, dW)           # rows of dW = x.T @ d
         first, last = offset + lo * n_out, offset + (hi + (q == n_parts - 1)) * n_out
-        acc += _adam_slice(params, grads, m, v, first, last, beta1, beta2, c1, c2, step_size, root_corr, eps,
-                           decay, _flushes(count))
+        acc += _adam_serial(params[first:last], grads[first:last], m[first:last], v[first:last], beta1, beta2,
+                            c1, c2, step_size, root_corr, eps, decay, _flushes(count[0]))
     return acc
 
 
@@ -1316,8 +1308,9 @@ def _layer_pair_adam(sgemm, x, d, params, grads, m, v, offset, n_out, dx, beta1,
             blas_pool._run_part(sgemm, 0, 1, True, x, 1, d, 0, dW)
         else:
             blas_pool._run_part(sgemm, 0, 1, False, d, 0, W, 1, dx)
-    return _adam_slice(params, grads, m, v, offset, end + n_out, beta1, beta2, c1, c2, step_size, root_corr, eps,
-                       decay, _flushes(count))
+    return _adam_serial(params[offset:end + n_out], grads[offset:end + n_out], m[offset:end + n_out],
+                        v[offset:end + n_out], beta1, beta2, c1, c2, step_size, root_corr, eps, decay,
+                        _flushes(count[0]))
 
 
 @njit(**_JIT)
@@ -1738,7 +1731,7 @@ def _pool_is_fast():
     if not _POOL:
         p = np.zeros(64, np.float32)
         # starts the pool
-        _adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, None, None, _whole_buffer(64), 2)
+        _adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, None, False, _whole_buffer(64), 2)
         _POOL.append(get_num_threads() > 1 and threading_layer() in config.FAST_LAYERS)
     return _POOL[0]
 

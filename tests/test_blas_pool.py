@@ -223,7 +223,7 @@ def test_lent_matmul_runs_on_numbas_thread_not_openblas_own(monkeypatch, split):
 
     def numba_work():
         for _ in range(40):
-            cpu._adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, 0.0, None,
+            cpu._adam_parallel(p, p, p, p, 0.9, 0.999, 0.1, 0.001, 0.0, 1.0, 1.0, 0.0, False,
                                cpu._whole_buffer(p.size), 16)
 
     def lent_work():

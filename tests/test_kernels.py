@@ -387,7 +387,7 @@ def test_adam_without_weight_decay_is_compiled_without_it_and_gives_the_same_bit
     runs = []
     for decay in (None, 0.0):
         state = [a.copy() for a in (params, grads, m, v)]
-        runs.append((cpu._adam_serial(*state, *constants[:-1], decay, None), state))
+        runs.append((cpu._adam_serial(*state, *constants[:-1], decay, False), state))
     assert runs[0][0] == runs[1][0]
     for a, b in zip(runs[0][1], runs[1][1]):
         np.testing.assert_array_equal(a, b)
