@@ -142,7 +142,7 @@ def test_a_number_where_a_knob_belongs_leaves_a_gap_in_the_recording():
     assert gap == (None, "kl_weight was a number, not a knob") and second.args[3] is not knob
     expected = out.copy()
     knob[0] = 2.0                                       # a replay reads the knob as it is then
-    cpu.replay([launch], [None])
+    cpu.replay(cpu.replayable([launch]), [None])
     cpu.reparameterize_kl_backward_cpu(stats, eps, dz, 2.0, expected)
     np.testing.assert_array_equal(out, expected)
     with pytest.raises(ValueError, match="kl_weight: expected a number or a float64 array of shape"):

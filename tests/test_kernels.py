@@ -52,7 +52,7 @@ POOL_MODES = {"serial": (False, False), "pooled-one-thread": (True, False), "poo
 class _AllThreads:
     """Stands in for cpu._SPLIT: every parallel call on all threads, whatever the timings say."""
     @staticmethod
-    def next_way():
+    def next_way(calls=1):
         return 0
 
 
@@ -989,6 +989,43 @@ def test_split_choice_ignores_windows_with_a_pause_in_them():
     assert choice.calls == 1                                         # so the window starts afresh
     _run_calls(choice, clock, choice.WINDOW, costs)
     assert choice.seconds[0] == pytest.approx(costs[0])              # not inflated by the pause
+
+
+def test_split_choice_counts_a_replays_launches_as_calls():
+    """A replayed step asks once for its pooled launches: its windows time as many calls as single asks."""
+    costs = (20e-6, 35e-6)
+    single_clock, bulk_clock = _Clock(), _Clock()
+    single, bulk = cpu._SplitChoice(single_clock), cpu._SplitChoice(bulk_clock)
+    _run_calls(single, single_clock, 40 * single.WINDOW, costs)
+    for _ in range(40 * bulk.WINDOW // 7):              # 7 launches a step: windows of 70 calls
+        bulk_clock.now += 7 * costs[bulk.next_way(7)]
+    assert bulk.seconds == pytest.approx(single.seconds) == list(costs)
+    assert bulk.way == single.way == 0
+
+
+@pytest.mark.parametrize("free, way", [(True, 0), (True, 1), (False, 0)])
+def test_a_replay_asks_the_split_choice_once_for_all_its_pooled_launches(monkeypatch, free, way):
+    asked, alone, ran = [], [], []
+
+    class Choice:
+        @staticmethod
+        def next_way(calls=1):
+            asked.append(calls)
+            return way
+
+    monkeypatch.setattr(cpu, "_SPLIT", Choice)
+    monkeypatch.setattr(cpu, "_cores_free", lambda: free)
+    monkeypatch.setattr(cpu, "_on_one_thread", lambda kernel, args: alone.append(args[0]) or kernel(*args))
+    launches = [cpu.Launch(ran.append, (name,), pooled, None, "") for name, pooled in
+                (("a", True), ("b", False), ("c", True), ("d", True))]
+    results = [0] * 4
+    cpu.replay(cpu.replayable(launches), results)
+    assert ran == ["a", "b", "c", "d"] and results == [None] * 4
+    assert asked == ([3] if free else [])
+    assert alone == (["a", "c", "d"] if way or not free else [])
+    asked.clear()
+    cpu.replay(cpu.replayable(launches[1:2]), [0])
+    assert asked == []                                # nothing pooled: nothing to choose
 
 
 # -- pixels ------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ class ReplayedStep:
                 backend.kernels = table
         why = _unreplayable(calls, len(log))
         if why is None:
-            recording = _Recording(key, [launch for launch, _ in log], calls)
+            recording = _Recording(key, self._cpu.replayable(launch for launch, _ in log), calls)
             why = recording.unlike(log, rec, kl)
         if why is None:
             self._recorded[ws.batch_size] = recording
@@ -102,11 +102,11 @@ class ReplayedStep:
 
 
 class _Recording:
-    """A batch size's launches, and where in them the step's results are."""
+    """A batch size's launches (``kernels.cpu.replayable``), and where in them the step's results are."""
 
     def __init__(self, key, launches, calls):
         self.key, self.launches = key, launches
-        self.results = [None] * len(launches)
+        self.results = [None] * len(launches.launches)
         last, at = [], -1                          # each call's result is its last launch's
         for name, made, _ in calls:
             at += len(made)
