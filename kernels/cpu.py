@@ -884,6 +884,93 @@ def pixels_cpu(src, out):
 # turn an Inf into a NaN that the BLAS product does not have).
 
 
+_LANES = 16                   # float32 lanes of an AVX-512 register
+
+
+@intrinsic
+def _rows4_add(typingctx, y0, y1, y2, y3, w0, w1, w2, w3, a, n):
+    """``y_r[:n] += a[4r] * w0[:n] + a[4r + 1] * w1[:n] + a[4r + 2] * w2[:n] + a[4r + 3] * w3[:n]`` for r = 0-3,
+    16 columns a step, each sum rounded as LLVM rounds that expression under 'contract' (the second
+    product first, then three fused multiply-adds, then the add to y), so the same bits as the loop it
+    replaces in ``_rows_times``. Written out in LLVM IR because Numba's loop kept both the sixteen
+    coefficients and their sixteen broadcasts live (its scalar loop, for columns past a multiple of 16 and
+    for arrays that overlap, needs the first): five broadcasts spilled to the stack and were reloaded
+    every 16 columns. Here the last columns take the broadcasts' first lanes. Half of a batch-4 784x400
+    product (392 rows of W, what one thread does) alone: 9.0 against 7.3 us, 6.6 against 5.6 us in a
+    faster phase; the same bits at 400, 37, 16 and 5 columns."""
+    arrays = (y0, y1, y2, y3, w0, w1, w2, w3)
+    if not all(isinstance(t, types.Array) and t.ndim == 1 and t.dtype == types.float32 and t.layout == "C"
+               for t in arrays):                   # rows of unit stride
+        return None
+    if not (isinstance(a, types.UniTuple) and a.count == 16 and a.dtype == types.float32):
+        return None
+    if not isinstance(n, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        vec = ir.VectorType(f32, _LANES)
+        intp = context.get_value_type(types.intp)
+        ptrs = [context.make_array(t)(context, builder, v).data for t, v in zip(signature.args[:8], args[:8])]
+        scalars = cgutils.unpack_tuple(builder, args[8], 16)
+        zeros = ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES)
+        undef = ir.Constant(vec, ir.Undefined)
+        splat = [builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)), undef, zeros)
+                 for s in scalars]
+        lane0 = [builder.extract_element(v, ir.Constant(i32, 0)) for v in splat]
+        count = context.cast(builder, args[9], signature.args[9], types.intp)
+        n_vec = builder.and_(count, ir.Constant(intp, -_LANES))
+
+        fmas = {ty: cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3), name)
+                for ty, name in ((vec, "llvm.fma.v16f32"), (f32, "llvm.fma.f32"))}
+
+        def row_sum(coeffs, c):
+            fma = fmas[c[0].type]
+            t = builder.fmul(coeffs[1], c[1])
+            t = builder.call(fma, [coeffs[0], c[0], t])
+            t = builder.call(fma, [coeffs[2], c[2], t])
+            return builder.call(fma, [coeffs[3], c[3], t])
+
+        def loop(name, start, stop, step, body):
+            entry = builder.block
+            head = builder.append_basic_block(name + ".body")
+            done = builder.append_basic_block(name + ".done")
+            builder.cbranch(builder.icmp_signed("<", start, stop), head, done)
+            builder.position_at_end(head)
+            j = builder.phi(intp)
+            j.add_incoming(start, entry)
+            body(j)
+            nxt = builder.add(j, ir.Constant(intp, step))
+            j.add_incoming(nxt, builder.block)
+            builder.cbranch(builder.icmp_signed("<", nxt, stop), head, done)
+            builder.position_at_end(done)
+
+        def vector_body(j):
+            at = lambda p: builder.bitcast(builder.gep(p, [j]), vec.as_pointer())
+            c = [builder.load(at(p), align=4) for p in ptrs[4:]]
+            for r in range(4):
+                t = row_sum(splat[4 * r:4 * r + 4], c)
+                yp = at(ptrs[r])
+                builder.store(builder.fadd(builder.load(yp, align=4), t), yp, align=4)
+
+        def scalar_body(k):
+            # at most 15 columns: a loop of a constant 16 steps, each guarded, which the vectoriser
+            # leaves alone (a loop to ``count`` it vectorised, with run-time alias checks)
+            j = builder.add(n_vec, k)
+            with builder.if_then(builder.icmp_signed("<", j, count)):
+                c = [builder.load(builder.gep(p, [j])) for p in ptrs[4:]]
+                for r in range(4):
+                    t = row_sum(lane0[4 * r:4 * r + 4], c)
+                    yp = builder.gep(ptrs[r], [j])
+                    builder.store(builder.fadd(builder.load(yp), t), yp)
+
+        loop("rows4v", ir.Constant(intp, 0), n_vec, _LANES, vector_body)
+        loop("rows4s", ir.Constant(intp, 0), ir.Constant(intp, _LANES - 1), 1, scalar_body)
+        return context.get_dummy_value()
+
+    return types.none(*arrays, a, n), codegen
+
+
 @njit(**_JIT)
 def _rows_times(x, W, out):
     """out = x @ W: rows of W added into four output rows at once, four rows of W per pass."""
@@ -901,16 +988,10 @@ def _rows_times(x, W, out):
             i = 0
             while i + 4 <= n_in:
                 w0, w1, w2, w3 = W[i], W[i + 1], W[i + 2], W[i + 3]
-                a00, a01, a02, a03 = x0[i], x0[i + 1], x0[i + 2], x0[i + 3]
-                a10, a11, a12, a13 = x1[i], x1[i + 1], x1[i + 2], x1[i + 3]
-                a20, a21, a22, a23 = x2[i], x2[i + 1], x2[i + 2], x2[i + 3]
-                a30, a31, a32, a33 = x3[i], x3[i + 1], x3[i + 2], x3[i + 3]
-                for j in range(n_out):
-                    c0, c1, c2, c3 = w0[j], w1[j], w2[j], w3[j]
-                    y0[j] += a00 * c0 + a01 * c1 + a02 * c2 + a03 * c3
-                    y1[j] += a10 * c0 + a11 * c1 + a12 * c2 + a13 * c3
-                    y2[j] += a20 * c0 + a21 * c1 + a22 * c2 + a23 * c3
-                    y3[j] += a30 * c0 + a31 * c1 + a32 * c2 + a33 * c3
+                _rows4_add(y0, y1, y2, y3, w0, w1, w2, w3,
+                           (x0[i], x0[i + 1], x0[i + 2], x0[i + 3], x1[i], x1[i + 1], x1[i + 2], x1[i + 3],
+                            x2[i], x2[i + 1], x2[i + 2], x2[i + 3], x3[i], x3[i + 1], x3[i + 2], x3[i + 3]),
+                           n_out)
                 i += 4
             for i in range(i, n_in):
                 w0 = W[i]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numba import njit
 from numba import types as numba_types
 
 import kernels
@@ -872,6 +873,35 @@ def test_matmul_small_batch_keeps_inf_and_nan_where_blas_does(rng, batch, n_in, 
         np.matmul(a, b, out=ref)
         np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
         np.testing.assert_array_equal(np.isinf(out), np.isinf(ref))
+
+
+@njit
+def _rows4_add_plain(y, w, a):
+    """cpu._rows4_add one element at a time, its roundings spelled out with cpu._fma32."""
+    for r in range(4):
+        for j in range(y.shape[1]):
+            t = a[4 * r + 1] * w[1, j]
+            t = cpu._fma32(a[4 * r], w[0, j], t)
+            t = cpu._fma32(a[4 * r + 2], w[2, j], t)
+            y[r, j] = y[r, j] + cpu._fma32(a[4 * r + 3], w[3, j], t)
+
+
+@njit
+def _rows4_add_rows(y, w, a):
+    cpu._rows4_add(y[0], y[1], y[2], y[3], w[0], w[1], w[2], w[3], (a[0], a[1], a[2], a[3], a[4], a[5], a[6],
+                   a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]), y.shape[1])
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 47, 400])
+def test_the_forwards_four_row_step_gives_its_plain_loops_bits(rng, n):
+    """The batch-4 forward's inner step (LLVM IR, 16 columns at a time, then the last ones alone)."""
+    y, w, a = f32(rng, (4, n)), f32(rng, (4, n)), f32(rng, 16)
+    if n > 3:
+        w[1, 2], w[3, n - 1], y[2, n - 2] = np.inf, np.nan, -np.inf        # in the vector part and the last
+    expected = y.copy()
+    _rows4_add_plain(expected, w, a)
+    _rows4_add_rows(y, w, a)
+    np.testing.assert_array_equal(y, expected)
 
 
 def test_matmul_outside_the_small_kernels_goes_to_numpy(rng):
