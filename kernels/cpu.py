@@ -884,17 +884,29 @@ def pixels_cpu(src, out):
 # turn an Inf into a NaN that the BLAS product does not have).
 
 
-_LANES = 16                   # float32 lanes of an AVX-512 register
+def _vector_lanes():
+    """float32 lanes in the vector registers Numba compiles for: 16 with AVX-512, else 8 (an AVX2
+    machine's 16 registers would hold only half of ``_rows4_add``'s broadcasts at 16 lanes)."""
+    import llvmlite.binding
+    import numba
+
+    features = numba.config.CPU_FEATURES
+    if features is not None:                  # NUMBA_CPU_FEATURES, as "+avx2,+avx512f,..."
+        return 16 if "+avx512f" in features.split(",") else 8
+    return 16 if llvmlite.binding.get_host_cpu_features().get("avx512f") else 8
+
+
+_LANES = _vector_lanes()
 
 
 @intrinsic
 def _rows4_add(typingctx, y0, y1, y2, y3, w0, w1, w2, w3, a, n):
     """``y_r[:n] += a[4r] * w0[:n] + a[4r + 1] * w1[:n] + a[4r + 2] * w2[:n] + a[4r + 3] * w3[:n]`` for r = 0-3,
-    16 columns a step, each sum rounded as LLVM rounds that expression under 'contract' (the second
-    product first, then three fused multiply-adds, then the add to y), so the same bits as the loop it
-    replaces in ``_rows_times``. Written out in LLVM IR because Numba's loop kept both the sixteen
-    coefficients and their sixteen broadcasts live (its scalar loop, for columns past a multiple of 16 and
-    for arrays that overlap, needs the first): five broadcasts spilled to the stack and were reloaded
+    ``_LANES`` columns a step, each sum rounded as LLVM rounds that expression under 'contract' (the
+    second product first, then three fused multiply-adds, then the add to y), so the same bits as the
+    loop it replaces in ``_rows_times``. Written out in LLVM IR because Numba's loop kept both the sixteen
+    coefficients and their sixteen broadcasts live (its scalar loop, for columns past a multiple of 16
+    and for arrays that overlap, needs the first): five broadcasts spilled to the stack and were reloaded
     every 16 columns. Here the last columns take the broadcasts' first lanes. Half of a batch-4 784x400
     product (392 rows of W, what one thread does) alone: 9.0 against 7.3 us, 6.6 against 5.6 us in a
     faster phase; the same bits at 400, 37, 16 and 5 columns."""
@@ -922,7 +934,7 @@ def _rows4_add(typingctx, y0, y1, y2, y3, w0, w1, w2, w3, a, n):
         n_vec = builder.and_(count, ir.Constant(intp, -_LANES))
 
         fmas = {ty: cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3), name)
-                for ty, name in ((vec, "llvm.fma.v16f32"), (f32, "llvm.fma.f32"))}
+                for ty, name in ((vec, f"llvm.fma.v{_LANES}f32"), (f32, "llvm.fma.f32"))}
 
         def row_sum(coeffs, c):
             fma = fmas[c[0].type]
@@ -954,8 +966,8 @@ def _rows4_add(typingctx, y0, y1, y2, y3, w0, w1, w2, w3, a, n):
                 builder.store(builder.fadd(builder.load(yp, align=4), t), yp, align=4)
 
         def scalar_body(k):
-            # at most 15 columns: a loop of a constant 16 steps, each guarded, which the vectoriser
-            # leaves alone (a loop to ``count`` it vectorised, with run-time alias checks)
+            # fewer than _LANES columns: a loop of a constant _LANES - 1 steps, each guarded, which the
+            # vectoriser leaves alone (a loop to ``count`` it vectorised, with run-time alias checks)
             j = builder.add(n_vec, k)
             with builder.if_then(builder.icmp_signed("<", j, count)):
                 c = [builder.load(builder.gep(p, [j])) for p in ptrs[4:]]

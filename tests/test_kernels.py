@@ -886,21 +886,24 @@ def _rows4_add_plain(y, w, a):
             y[r, j] = y[r, j] + cpu._fma32(a[4 * r + 3], w[3, j], t)
 
 
-@njit
 def _rows4_add_rows(y, w, a):
     cpu._rows4_add(y[0], y[1], y[2], y[3], w[0], w[1], w[2], w[3], (a[0], a[1], a[2], a[3], a[4], a[5], a[6],
                    a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]), y.shape[1])
 
 
-@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 47, 400])
-def test_the_forwards_four_row_step_gives_its_plain_loops_bits(rng, n):
-    """The batch-4 forward's inner step (LLVM IR, 16 columns at a time, then the last ones alone)."""
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("n", [0, 1, 7, 15, 16, 17, 47, 400])
+def test_the_forwards_four_row_step_gives_its_plain_loops_bits(rng, monkeypatch, lanes, n):
+    """The batch-4 forward's inner step (LLVM IR, a vector register of columns at a time, then the last
+    ones alone), at AVX2's width and AVX-512's, whichever this machine has."""
+    monkeypatch.setattr(cpu, "_LANES", lanes)
+    step = njit(_rows4_add_rows)                      # compiled now, at this width
     y, w, a = f32(rng, (4, n)), f32(rng, (4, n)), f32(rng, 16)
     if n > 3:
         w[1, 2], w[3, n - 1], y[2, n - 2] = np.inf, np.nan, -np.inf        # in the vector part and the last
     expected = y.copy()
     _rows4_add_plain(expected, w, a)
-    _rows4_add_rows(y, w, a)
+    step(y, w, a)
     np.testing.assert_array_equal(y, expected)
 
 
