@@ -909,7 +909,8 @@ def _rows4_add(typingctx, y0, y1, y2, y3, w0, w1, w2, w3, a, n):
     and for arrays that overlap, needs the first): five broadcasts spilled to the stack and were reloaded
     every 16 columns. Here the last columns take the broadcasts' first lanes. Half of a batch-4 784x400
     product (392 rows of W, what one thread does) alone: 9.0 against 7.3 us, 6.6 against 5.6 us in a
-    faster phase; the same bits at 400, 37, 16 and 5 columns."""
+    faster phase; the same bits at 400, 37, 16 and 5 columns. Each product's rounding is now spelled
+    out, so code loaded from the cache rounds as code compiled in the process (see ``_fma32``)."""
     arrays = (y0, y1, y2, y3, w0, w1, w2, w3)
     if not all(isinstance(t, types.Array) and t.ndim == 1 and t.dtype == types.float32 and t.layout == "C"
                for t in arrays):                   # rows of unit stride
