@@ -41,9 +41,10 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding as llvm_binding, ir
 from numba import get_num_threads, njit, prange, set_num_threads, threading_layer, types
 from numba.core import cgutils
+from numba.core.config import CPU_FEATURES as _NUMBA_CPU_FEATURES
 from numba.extending import intrinsic
 
 from . import blas_pool, config
@@ -887,13 +888,9 @@ def pixels_cpu(src, out):
 def _vector_lanes():
     """float32 lanes in the vector registers Numba compiles for: 16 with AVX-512, else 8 (an AVX2
     machine's 16 registers would hold only half of ``_rows4_add``'s broadcasts at 16 lanes)."""
-    import llvmlite.binding
-    import numba
-
-    features = numba.config.CPU_FEATURES
-    if features is not None:                  # NUMBA_CPU_FEATURES, as "+avx2,+avx512f,..."
-        return 16 if "+avx512f" in features.split(",") else 8
-    return 16 if llvmlite.binding.get_host_cpu_features().get("avx512f") else 8
+    if _NUMBA_CPU_FEATURES is not None:       # NUMBA_CPU_FEATURES, as "+avx2,+avx512f,..."
+        return 16 if "+avx512f" in _NUMBA_CPU_FEATURES.split(",") else 8
+    return 16 if llvm_binding.get_host_cpu_features().get("avx512f") else 8
 
 
 _LANES = _vector_lanes()

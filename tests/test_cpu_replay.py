@@ -22,7 +22,6 @@ SEED_LIKE = ModelConfig(image_shape=(1, 28, 28), hidden=(400,), latent_dim=200)
 SMALL = ModelConfig(image_shape=(1, 8, 8), hidden=(32,), latent_dim=4)
 
 
-
 @pytest.fixture(autouse=True)
 def fused_updates(monkeypatch):
     """A step is replayed where each layer is updated in the backward pass, which the CPU table does on
